@@ -1,0 +1,33 @@
+"""Plain PyTorch reference for the Elman RNN: the oracle for tests and the eager baseline for benchmarks.
+
+    h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh),   act ∈ {tanh, relu}
+
+It is a Python loop over time built from differentiable torch ops, so autograd gives the reference
+gradients too. It runs in any dtype, float64 included, on any device.
+"""
+import torch
+
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
+
+
+def elman_rnn_reference(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
+                        nonlinearity="tanh", reverse=False):
+    """One layer, one direction. x: (T, B, D); h0: (B, H) or None. Returns y (T, B, H), h_n (B, H).
+
+    With reverse=True the recurrence runs from t = T-1 down to 0, and y[t] is still the state after
+    reading x[t] (torch.nn.RNN's backward direction).
+    """
+    act = ACTIVATIONS[nonlinearity]
+    T, B, _ = x.shape
+    H = weight_hh.shape[0]
+    h = x.new_zeros(B, H) if h0 is None else h0
+    ys = [None] * T
+    for t in (reversed(range(T)) if reverse else range(T)):
+        z = x[t] @ weight_ih.T + h @ weight_hh.T
+        if bias_ih is not None:
+            z = z + bias_ih
+        if bias_hh is not None:
+            z = z + bias_hh
+        h = act(z)
+        ys[t] = h
+    return torch.stack(ys), h
