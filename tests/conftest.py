@@ -26,9 +26,3 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
-
-
-def rel_err(a, b):
-    """Relative norm error ‖a − b‖ / ‖b‖, computed in float64."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
