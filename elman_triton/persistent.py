@@ -1,9 +1,176 @@
-"""Persistent backend (placeholder until the persistent kernels land)."""
+"""Host side of the persistent backend: the whole sequence in one launch (kernels/persistent_*.py).
+
+Two kernel shapes, picked by H:
+  * small H (BH = next_pow2(H) ≤ SMALL_H_MAX): one program per batch tile holds all of W_hh and
+    carries the state in registers; programs never talk. One launch forward, one backward.
+  * large H: n_col = ⌈H / BN⌉ programs each hold a BN-column slice of W_hh and meet at a grid
+    barrier every step (every phase, backward). Batch tiles are spread over n_group independent
+    barrier groups when the grid has room. One cooperative launch forward, one backward; under
+    Triton's interpreter, one launch per step (forward) or phase (backward), because there
+    programs run one after another and a barrier would never open.
+
+Limits (LARGE_SLICE_BYTES): the on-chip W_hh slice [BH, BN] and the state tile [BB, BH] are each
+kept ≤ 64 KiB, which holds H ≤ 2048 for 16-bit storage, H ≤ 1024 for fp32, H ≤ 512 for fp64.
+Larger H is not supported by this backend (check_supported raises; "auto" uses stepwise).
+These limits come from register-file arithmetic (64 Ki 32-bit registers per SM on Hopper), not yet
+from measurement on a GPU.
+"""
+import torch
+import triton
+
+from elman_triton.config import INTERPRETED, accumulator_dtype
+from elman_triton.kernels.barrier import barrier_loop_kernel
+from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_kernel,
+                                                   elman_persistent_large_fwd_kernel)
+from elman_triton.kernels.persistent_small import (elman_persistent_small_bwd_kernel,
+                                                   elman_persistent_small_fwd_kernel)
+
+SMALL_H_MAX = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 128, torch.float64: 64}
+LARGE_SLICE_BYTES = 64 * 1024
+BB = 16  # batch rows per tile; tl.dot needs ≥ 16
+BN = 16  # hidden units per program in the large-H kernel
+NUM_WARPS_SMALL = 4
+NUM_WARPS_LARGE = 8
+
+
+def _bh(H):
+    return max(16, triton.next_power_of_2(H))
+
+
+def _is_small(H, dtype):
+    return _bh(H) <= SMALL_H_MAX[dtype]
 
 
 def supports(B, H, dtype, device):
-    return False
+    """Whether this backend holds (B, H, dtype) on device; "auto" uses it when it does."""
+    if dtype not in SMALL_H_MAX:
+        return False
+    if _is_small(H, dtype):
+        return True
+    elt = torch.empty((), dtype=dtype).element_size()
+    return _bh(H) * max(BN, BB) * elt <= LARGE_SLICE_BYTES
 
 
 def check_supported(B, H, dtype, device):
-    raise NotImplementedError("backend='persistent' is not implemented yet")
+    if not supports(B, H, dtype, device):
+        raise ValueError(f"backend='persistent' does not hold H={H} in {dtype}: the W_hh slice and state tile "
+                         f"must each fit {LARGE_SLICE_BYTES // 1024} KiB on-chip; use backend='stepwise' or 'auto'")
+
+
+def forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse=False):
+    T, B, H = y.shape
+    _check_buffers(y, xp)
+    common = dict(HAS_BIAS=bias is not None, REVERSE=reverse, ACT=opts.ACT, FAST_TANH=opts.FAST_TANH,
+                  PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(H))
+    bias_arg = bias if bias is not None else xp
+    strides = (h0.stride(0), h0.stride(1), weight_hh.stride(0), weight_hh.stride(1))
+    if _is_small(H, y.dtype):
+        elman_persistent_small_fwd_kernel[(triton.cdiv(B, BB),)](
+            xp, h0, weight_hh, bias_arg, y, T, B, H, *strides, **common, num_warps=NUM_WARPS_SMALL)
+        return
+    _launch_large(elman_persistent_large_fwd_kernel, T, B, H, n_units=T,
+                  args=(xp, h0, weight_hh, bias_arg, y), strides=strides, meta=common)
+
+
+def backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse=False):
+    T, B, H = y.shape
+    _check_buffers(y, dz)
+    dh = torch.empty(B, H, dtype=accumulator_dtype(y.dtype), device=y.device)
+    common = dict(REVERSE=reverse, ACT=opts.ACT, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST,
+                  BB=BB, BH=_bh(H))
+    dy_strides = (dy.stride(0), dy.stride(1), dy.stride(2))
+    w_strides = (weight_hh.stride(0), weight_hh.stride(1))
+    if _is_small(H, y.dtype):
+        elman_persistent_small_bwd_kernel[(triton.cdiv(B, BB),)](
+            dy, dh_n, y, weight_hh, dz, dh, T, B, H, *dy_strides, dh_n.stride(0), dh_n.stride(1), *w_strides,
+            **common, num_warps=NUM_WARPS_SMALL)
+        return dh
+    dh.copy_(dh_n)  # the large kernel reads ∂L/∂h_n from, and leaves ∂L/∂h0 in, this buffer
+    _launch_large(elman_persistent_large_bwd_kernel, T, B, H, n_units=2 * T,
+                  args=(dy, y, weight_hh, dz, dh), strides=dy_strides + w_strides, meta=common)
+    return dh
+
+
+def _check_buffers(y, other):
+    assert y.is_contiguous() and other.is_contiguous() and other.shape == y.shape and other.dtype == y.dtype, \
+        "the persistent kernels index y, xp and dz as contiguous (T, B, H) tensors of one dtype"
+
+
+def _launch_large(kernel, T, B, H, n_units, args, strides, meta):
+    n_col, n_tiles = triton.cdiv(H, BN), triton.cdiv(B, BB)
+    if INTERPRETED:
+        # One unit (step or phase) per launch: Triton's interpreter runs programs one after another.
+        grid = (n_col, n_tiles)
+        for u in range(n_units):
+            kernel[grid](*args, args[0], T, B, H, u, u + 1, *strides, **meta, USE_BARRIER=False, BN=BN,
+                         num_warps=NUM_WARPS_LARGE)
+        return
+    device = args[0].device
+    capacity = _coresident_programs(kernel, (n_col, 1), args, T, B, H, n_units, strides, meta)
+    if n_col > capacity:
+        raise RuntimeError(f"persistent kernel for H={H} needs {n_col} co-resident programs but this GPU holds "
+                           f"{capacity}; use backend='stepwise'")
+    n_group = min(n_tiles, capacity // n_col)
+    words = _barrier_words(device, n_group)
+    kernel[(n_col, n_group)](*args, words, T, B, H, 0, n_units, *strides, **meta, USE_BARRIER=True, BN=BN,
+                             num_warps=NUM_WARPS_LARGE, launch_cooperative_grid=True)
+
+
+def _coresident_programs(kernel, grid, args, T, B, H, n_units, strides, meta):
+    """How many programs of this compiled kernel the whole GPU holds at once (registers, shared memory,
+    threads per SM), as Triton's fused-softmax tutorial computes occupancy."""
+    compiled = kernel.warmup(*args, args[0], T, B, H, 0, n_units, *strides, **meta, USE_BARRIER=True, BN=BN,
+                             num_warps=NUM_WARPS_LARGE, launch_cooperative_grid=True, grid=grid)
+    compiled._init_handles()
+    props = triton.runtime.driver.active.utils.get_device_properties(args[0].device.index or 0)
+    threads = 32 * NUM_WARPS_LARGE
+    per_sm = min(props["max_num_regs"] // max(1, compiled.n_regs * threads),
+                 props["max_shared_mem"] // max(1, compiled.metadata.shared),
+                 2048 // threads)
+    return per_sm * props["multiprocessor_count"]
+
+
+_BARRIER_WORDS = {}
+
+
+def _barrier_words(device, n_group):
+    """(count, generation) int32 pairs per barrier group, one buffer per (device, stream).
+
+    The kernels leave every count at 0, so the buffer is reused by every later launch and CUDA-graph
+    replay. It must exist before a graph capture starts (a warm-up call outside the capture makes it).
+    """
+    key = (device, torch.cuda.current_stream(device).cuda_stream)
+    words = _BARRIER_WORDS.get(key)
+    if words is None or words.numel() < 2 * n_group:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the persistent backend's barrier buffer is made on first use; call it once "
+                               "outside CUDA-graph capture (a warm-up) before capturing")
+        words = torch.zeros(max(2 * n_group, 256), dtype=torch.int32, device=device)
+        _BARRIER_WORDS[key] = words
+    return words
+
+
+def barrier_latency_us(device=None, n_programs=None, iters=10_000):
+    """Measured cost of one grid barrier (µs): a cooperative launch of n_programs (default: one per SM)
+    that does nothing but `iters` barriers, minus the same launch with none. The floor of the
+    large-H persistent kernel is T × this."""
+    device = torch.device(device or "cuda")
+    if device.type != "cuda" or INTERPRETED:
+        raise RuntimeError("the grid-barrier micro-benchmark needs a CUDA device (and no TRITON_INTERPRET)")
+    if n_programs is None:
+        n_programs = torch.cuda.get_device_properties(device).multi_processor_count
+    words = _barrier_words(device, 1)
+
+    def run(n):
+        barrier_loop_kernel[(n_programs,)](words, n, num_warps=4, launch_cooperative_grid=True)
+
+    run(iters)  # compile and warm up
+    times = []
+    for n in (0, iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run(n)
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end))
+    return (times[1] - times[0]) * 1e3 / iters
