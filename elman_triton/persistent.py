@@ -30,7 +30,14 @@ LARGE_SLICE_BYTES = 64 * 1024
 BB = 16  # batch rows per tile; tl.dot needs ≥ 16
 BN = 16  # hidden units per program in the large-H kernel
 NUM_WARPS_SMALL = 4
-NUM_WARPS_LARGE = 8
+
+
+def _num_warps_large(BH):
+    """Warps for the large-H kernels: enough threads that the [BH, BN] weight slice and the
+    [BB, BH] state tile fit in registers without spilling. Chosen from ptxas's register report for
+    sm_90a (bf16: 4 warps spill at BH=2048, 8 warps spill in the backward at BH=2048, 16 do not;
+    fp32 at BH ≤ 512 fits in 4)."""
+    return 4 if BH <= 512 else 8 if BH <= 1024 else 16
 
 
 def _bh(H):
@@ -98,32 +105,29 @@ def _check_buffers(y, other):
 
 def _launch_large(kernel, T, B, H, n_units, args, strides, meta):
     n_col, n_tiles = triton.cdiv(H, BN), triton.cdiv(B, BB)
+    meta = dict(meta, BN=BN, num_warps=_num_warps_large(meta["BH"]))
     if INTERPRETED:
         # One unit (step or phase) per launch: Triton's interpreter runs programs one after another.
-        grid = (n_col, n_tiles)
         for u in range(n_units):
-            kernel[grid](*args, args[0], T, B, H, u, u + 1, *strides, **meta, USE_BARRIER=False, BN=BN,
-                         num_warps=NUM_WARPS_LARGE)
+            kernel[(n_col, n_tiles)](*args, args[0], T, B, H, u, u + 1, *strides, **meta, USE_BARRIER=False)
         return
-    device = args[0].device
-    capacity = _coresident_programs(kernel, (n_col, 1), args, T, B, H, n_units, strides, meta)
+    words = _barrier_words(args[0].device, n_tiles)
+    launch_args = (*args, words, T, B, H, 0, n_units, *strides)
+    meta.update(USE_BARRIER=True, launch_cooperative_grid=True)
+    capacity = _coresident_programs(kernel.warmup(*launch_args, **meta, grid=(n_col, 1)), args[0].device,
+                                    meta["num_warps"])
     if n_col > capacity:
         raise RuntimeError(f"persistent kernel for H={H} needs {n_col} co-resident programs but this GPU holds "
                            f"{capacity}; use backend='stepwise'")
-    n_group = min(n_tiles, capacity // n_col)
-    words = _barrier_words(device, n_group)
-    kernel[(n_col, n_group)](*args, words, T, B, H, 0, n_units, *strides, **meta, USE_BARRIER=True, BN=BN,
-                             num_warps=NUM_WARPS_LARGE, launch_cooperative_grid=True)
+    kernel[(n_col, min(n_tiles, capacity // n_col))](*launch_args, **meta)
 
 
-def _coresident_programs(kernel, grid, args, T, B, H, n_units, strides, meta):
+def _coresident_programs(compiled, device, num_warps):
     """How many programs of this compiled kernel the whole GPU holds at once (registers, shared memory,
     threads per SM), as Triton's fused-softmax tutorial computes occupancy."""
-    compiled = kernel.warmup(*args, args[0], T, B, H, 0, n_units, *strides, **meta, USE_BARRIER=True, BN=BN,
-                             num_warps=NUM_WARPS_LARGE, launch_cooperative_grid=True, grid=grid)
     compiled._init_handles()
-    props = triton.runtime.driver.active.utils.get_device_properties(args[0].device.index or 0)
-    threads = 32 * NUM_WARPS_LARGE
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    threads = 32 * num_warps
     per_sm = min(props["max_num_regs"] // max(1, compiled.n_regs * threads),
                  props["max_shared_mem"] // max(1, compiled.metadata.shared),
                  2048 // threads)
