@@ -115,11 +115,11 @@ def elman_persistent_large_bwd_kernel(
                 b_dz = (b_dy.to(b_dh.dtype) + b_dh) * activation_grad(b_h, ACT)
                 tl.store(p_dz + o_t + o_own, b_dz.to(dz_ty), mask=m_bk)
             else:
-                b_dz = tl.load(p_dz + o_t + o_b[:, None] * H + o_n[None, :],
-                               mask=m_b[:, None] & m_n[None, :], other=0.0,
-                               cache_modifier=".cg")  # [BB, BH], all programs' columns
-                b_dh = matmul(b_dz, b_w, PRECISION, UPCAST)
-                tl.store(p_dh + o_own, b_dh.to(p_dh.dtype.element_ty), mask=m_bk)
+                b_dz_row = tl.load(p_dz + o_t + o_b[:, None] * H + o_n[None, :],
+                                   mask=m_b[:, None] & m_n[None, :], other=0.0,
+                                   cache_modifier=".cg")  # [BB, BH], all programs' columns
+                b_dh_new = matmul(b_dz_row, b_w, PRECISION, UPCAST)
+                tl.store(p_dh + o_own, b_dh_new.to(p_dh.dtype.element_ty), mask=m_bk)
         if u % 2 == 0:
             if USE_BARRIER:
                 group_barrier(p_barrier + 2 * i_g, p_barrier + 2 * i_g + 1, n_col)
