@@ -1,0 +1,221 @@
+"""ElmanRNN and ElmanRNNCell: drop-in replacements for torch.nn.RNN and torch.nn.RNNCell on elman_rnn.
+
+They subclass the torch modules, so construction, argument checks, parameter names, shapes,
+registration order, default init, state dicts, pickling and most input checks are torch's own; only
+forward is replaced. The modules own parameters and lay tensors out for the op: every recurrence
+runs in elman_triton.elman_rnn (one call per layer and direction), picked by `backend`.
+
+Variable lengths (PackedSequence) run as one padded batch, with no per-sequence Python loop:
+  * forward direction: padding sits after each row's valid steps, so it cannot reach valid outputs;
+    h_n is gathered at each row's last valid step.
+  * reverse direction: a per-row time-reversal index (t -> len_b-1-t for t < len_b, padding in place)
+    gathers x into a copy whose valid steps are reversed row by row, the op runs it forward in time,
+    and the same index gathers the outputs back. This costs one copy of x and one of y per layer.
+Padded positions never reach the returned PackedSequence or h_n, so they get no gradient.
+"""
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.functional import dropout
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from elman_triton.ops import BACKENDS, elman_rnn
+from elman_triton.reference import elman_rnn_reference
+
+__all__ = ["ElmanRNN", "ElmanRNNCell"]
+
+
+class ElmanRNN(nn.RNN):
+    """torch.nn.RNN with the recurrence in elman_rnn. Same arguments, plus keyword-only `backend`
+    ("auto", "stepwise", "persistent" or "reference"; see elman_rnn)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+                 backend="auto"):
+        _check_backend(backend)
+        super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, bias=bias,
+                         batch_first=batch_first, dropout=dropout, bidirectional=bidirectional,
+                         device=device, dtype=dtype)
+        self.backend = backend
+
+    def flatten_parameters(self):
+        """No-op: the kernels read each weight where it is; cuDNN's flat buffer is not used."""
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if self.nonlinearity != "tanh":  # nn.RNN's repr omits it
+            s += f", nonlinearity={self.nonlinearity!r}"
+        return s + _backend_repr(self.backend)
+
+    def forward(self, input, hx=None):
+        """Same contract as torch.nn.RNN.forward: (output, h_n); PackedSequence in, PackedSequence out."""
+        self._update_flat_weights()  # as nn.RNN: check_input reads the weights' dtype from _flat_weights
+        num_directions = 2 if self.bidirectional else 1
+        packed = isinstance(input, PackedSequence)
+        # The argument handling below mirrors nn.RNN.forward step for step, so errors match.
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
+            self._check_args(data, hx, batch_sizes)
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # time-major, sorted order
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
+            batched = input.dim() == 3
+            if hx is not None and hx.dim() != input.dim():
+                raise RuntimeError(f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx should also "
+                                   f"be {input.dim()}-D but got {hx.dim()}-D tensor")
+            if not batched:
+                input = input.unsqueeze(0 if self.batch_first else 1)
+                hx = None if hx is None else hx.unsqueeze(1)
+            self._check_args(input, hx, None)
+            x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
+        if x.shape[0] == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
+        x, hx, weights, no_autocast = _cast_like_autocast(x, hx, self.all_weights)
+        with no_autocast:
+            steps = None if lengths is None else _PaddedSteps(lengths.to(x.device), x.shape[0])
+            h_n = []
+            for layer in range(self.num_layers):
+                last = layer == self.num_layers - 1
+                outputs = []
+                for direction in range(num_directions):
+                    k = layer * num_directions + direction
+                    y, h = self._direction(x, None if hx is None else hx[k], weights[k], direction == 1, steps)
+                    outputs.append(y)
+                    h_n.append(h)
+                x = _join_directions(outputs, batch_first=last and self.batch_first and not packed)
+                if not last and self.dropout > 0 and self.training:
+                    x = dropout(x, self.dropout, training=True)
+            h_n = torch.stack(h_n)
+
+        if packed:
+            output = PackedSequence(pack_padded_sequence(x, lengths).data, batch_sizes,
+                                    sorted_indices, unsorted_indices)
+            return output, self.permute_hidden(h_n, unsorted_indices)
+        if not batched:
+            return x.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
+        return x, h_n
+
+    def _check_args(self, input, hx, batch_sizes):
+        if hx is None:  # nn.RNN checks a zero hx it builds; only the input needs checking then
+            self.check_input(input, batch_sizes)
+        else:
+            self.check_forward_args(input, hx, batch_sizes)
+
+    def _direction(self, x, h0, weights, reverse, steps):
+        """One layer, one direction over time-major x; steps is None or the padded batch's lengths."""
+        if steps is None:
+            return _elman(x, h0, weights, self.nonlinearity, self.backend, reverse)
+        if not reverse:
+            y, _ = _elman(x, h0, weights, self.nonlinearity, self.backend)
+            return y, y[steps.last, steps.rows]
+        y, _ = _elman(steps.reverse(x), h0, weights, self.nonlinearity, self.backend)
+        y = steps.reverse(y)
+        return y, y[0]  # the reverse direction ends after reading x[0]
+
+
+class ElmanRNNCell(nn.RNNCell):
+    """torch.nn.RNNCell with the step in elman_rnn (T = 1). Same arguments, plus keyword-only `backend`.
+    Unlike nn.RNNCell, an unknown nonlinearity raises ValueError here, at construction."""
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *,
+                 backend="auto"):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        _check_backend(backend)
+        super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
+        self.backend = backend
+
+    def extra_repr(self):
+        return super().extra_repr() + _backend_repr(self.backend)
+
+    def forward(self, input, hx=None):
+        """Same contract as torch.nn.RNNCell.forward: h' of shape (B, H), or (H,) for unbatched input."""
+        # Checks and messages as nn.RNNCell and its kernel (ValueError for ranks, RuntimeError for sizes).
+        if input.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"RNNCell: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+            hx = None if hx is None else hx.unsqueeze(0)
+        if input.shape[1] != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {self.input_size}")
+        if hx is not None:
+            if input.shape[0] != hx.shape[0]:
+                raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden0 batch size {hx.shape[0]}")
+            if hx.dim() != 2 or hx.shape[1] != self.hidden_size:
+                raise RuntimeError(f"hidden0 has inconsistent shape: got {tuple(hx.shape)}, "
+                                   f"expected ({input.shape[0]}, {self.hidden_size})")
+
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        x, hx, (weights,), no_autocast = _cast_like_autocast(input.unsqueeze(0), hx, [weights])
+        with no_autocast:
+            _, h = _elman(x, hx, weights, self.nonlinearity, self.backend)
+        return h if batched else h.squeeze(0)
+
+
+class _PaddedSteps:
+    """Index tensors for a padded, length-sorted batch (lengths on the data's device)."""
+
+    def __init__(self, lengths, T):
+        self.rows = torch.arange(lengths.shape[0], device=lengths.device)
+        self.last = lengths - 1
+        t = torch.arange(T, device=lengths.device).unsqueeze(1)
+        self._reversal = torch.where(t < lengths, self.last - t, t).unsqueeze(2)  # (T, B, 1), its own inverse
+
+    def reverse(self, x):
+        """x[t, b] -> x[len_b-1-t, b] for t < len_b; padding stays where it is. A gathered copy."""
+        return x.gather(0, self._reversal.expand(-1, -1, x.shape[2]))
+
+
+def _elman(x, h0, weights, nonlinearity, backend, reverse=False):
+    w_ih, w_hh, *biases = weights
+    b_ih, b_hh = biases or (None, None)
+    if x.shape[1] == 0:  # the op rejects B = 0, where nn.RNN returns empty outputs; the loop gives them
+        return elman_rnn_reference(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, reverse=reverse)
+    return elman_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, backend=backend, reverse=reverse)
+
+
+def _join_directions(outputs, batch_first):
+    """(T, B, H) per direction -> (T, B, dirs*H), or (B, T, dirs*H) contiguous, as nn.RNN returns."""
+    if batch_first:
+        outputs = [y.transpose(0, 1) for y in outputs]
+    return outputs[0].contiguous() if len(outputs) == 1 else torch.cat(outputs, dim=2)
+
+
+def _cast_like_autocast(x, hx, weights):
+    """The op takes one dtype, so under autocast cast what autocast would cast (floating tensors other
+    than float64) to its dtype, and return a context that keeps autocast off inside the op. Then
+    hx and weights must match x in dtype and device; nn.RNN's kernels raise RuntimeError otherwise.
+    weights: a list of per-direction lists. Returns (x, hx, weights, context)."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+
+        def cast(t):
+            return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+
+        x, hx, weights = cast(x), cast(hx), [[cast(w) for w in ws] for ws in weights]
+        context = torch.autocast(device_type, enabled=False)
+    else:
+        context = contextlib.nullcontext()
+    for name, t in [("hx", hx)] + [("a parameter", w) for ws in weights for w in ws]:
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise RuntimeError(f"{name} has dtype {t.dtype} on {t.device} but input has dtype {x.dtype} "
+                               f"on {x.device}; they must match")
+    return x, hx, weights, context
+
+
+def _check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown backend {backend!r}. Select from {BACKENDS}.")
+
+
+def _backend_repr(backend):
+    return "" if backend == "auto" else f", backend={backend!r}"
