@@ -25,11 +25,18 @@ from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_ke
 from elman_triton.kernels.persistent_small import (elman_persistent_small_bwd_kernel,
                                                    elman_persistent_small_fwd_kernel)
 
-SMALL_H_MAX = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 128, torch.float64: 64}
+# Largest next_pow2(H) of the small-H kernel per dtype, and its warps: ptxas (sm_90a) compiles these
+# without spilling (tests/test_compile_sm90.py); fp32 at 128 spills in the forward.
+SMALL_H_MAX = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 64}
 LARGE_SLICE_BYTES = 64 * 1024
 BB = 16  # batch rows per tile; tl.dot needs ≥ 16
 BN = 16  # hidden units per program in the large-H kernel
-NUM_WARPS_SMALL = 4
+
+
+def _num_warps_small(dtype):
+    """8 warps keep the [BH, BH] weight block in registers; fp64 spills with 8 and fits with 4
+    (ptxas, sm_90a)."""
+    return 4 if dtype == torch.float64 else 8
 
 
 def _num_warps_large(BH):
@@ -73,7 +80,7 @@ def forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse=False):
     strides = (h0.stride(0), h0.stride(1), weight_hh.stride(0), weight_hh.stride(1))
     if _is_small(H, y.dtype):
         elman_persistent_small_fwd_kernel[(triton.cdiv(B, BB),)](
-            xp, h0, weight_hh, bias_arg, y, T, B, H, *strides, **common, num_warps=NUM_WARPS_SMALL)
+            xp, h0, weight_hh, bias_arg, y, T, B, H, *strides, **common, num_warps=_num_warps_small(y.dtype))
         return
     _launch_large(elman_persistent_large_fwd_kernel, T, B, H, n_units=T,
                   args=(xp, h0, weight_hh, bias_arg, y), strides=strides, meta=common)
@@ -90,7 +97,7 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse=False):
     if _is_small(H, y.dtype):
         elman_persistent_small_bwd_kernel[(triton.cdiv(B, BB),)](
             dy, dh_n, y, weight_hh, dz, dh, T, B, H, *dy_strides, dh_n.stride(0), dh_n.stride(1), *w_strides,
-            **common, num_warps=NUM_WARPS_SMALL)
+            **common, num_warps=_num_warps_small(y.dtype))
         return dh
     dh.copy_(dh_n)  # the large kernel reads ∂L/∂h_n from, and leaves ∂L/∂h0 in, this buffer
     _launch_large(elman_persistent_large_bwd_kernel, T, B, H, n_units=2 * T,

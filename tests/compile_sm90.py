@@ -1,0 +1,96 @@
+"""Compile every kernel for sm_90a (H100/H200) without a GPU and report ptxas's registers and spills.
+
+The interpreter never compiles anything, so it cannot catch GPU-only failures: a kernel that does
+not lower (type clashes between branches, the grid barrier's atomics, inline PTX), or a tile choice
+that spills registers to local memory. Triton ships ptxas, so this runs on any machine. It must run
+without TRITON_INTERPRET; tests/test_compile_sm90.py starts it in a subprocess.
+
+    python tests/compile_sm90.py          # one JSON object per line: kernel, config, regs, spills
+"""
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from elman_triton import persistent, stepwise
+from elman_triton.kernels import barrier, persistent_large, persistent_small
+from elman_triton.kernels import stepwise as stepwise_kernels
+
+TARGET = GPUTarget("cuda", 90, 32)
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+ACCUMULATOR_POINTERS = {"p_bias", "p_dh", "p_dh0", "p_dh_next"}
+
+
+def signature(kernel, dtype, constexprs):
+    """Triton's signature for a launch with contiguous tensors: unit strides along H are
+    specialised to 1 exactly as Triton's runtime does, other ints are i32, pointers typed."""
+    storage, acc = TRITON_DTYPE[dtype], "fp64" if dtype == torch.float64 else "fp32"
+    sig, consts = {}, dict(constexprs)
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name == "p_barrier":
+            sig[name] = "*i32"
+        elif name.startswith("p_"):
+            sig[name] = "*" + (acc if name in ACCUMULATOR_POINTERS else storage)
+        elif name.startswith("stride_") and name.endswith(("_h", "_k")):
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+    return sig, consts
+
+
+def compile_and_count(kernel, dtype, num_warps, **constexprs):
+    sig, consts = signature(kernel, dtype, constexprs)
+    options = dict(num_warps=num_warps, launch_cooperative_grid="USE_BARRIER" in constexprs)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=TARGET, options=options)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    report = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+    os.unlink(f.name)
+    return int(re.search(r"Used (\d+) registers", report).group(1)), int(re.search(r"(\d+) bytes spill stores", report).group(1))
+
+
+def configurations():
+    """The launch configurations the dispatcher uses, at the sizes that stress registers most."""
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        math = dict(ACT=0, PRECISION="ieee", UPCAST=False)
+        fast = dict(math, FAST_TANH=dtype == torch.bfloat16)
+        BB, BN, BK = stepwise.block_sizes(64, 1024)
+        yield stepwise_kernels.elman_step_fwd_kernel, dtype, stepwise.NUM_WARPS, dict(fast, HAS_BIAS=True, BB=BB, BN=BN, BK=BK)
+        yield stepwise_kernels.elman_step_bwd_kernel, dtype, stepwise.NUM_WARPS, dict(math, BB=BB, BN=BN, BK=BK)
+        small = dict(REVERSE=False, BB=persistent.BB, BH=persistent.SMALL_H_MAX[dtype])
+        yield (persistent_small.elman_persistent_small_fwd_kernel, dtype, persistent._num_warps_small(dtype),
+               dict(fast, **small, HAS_BIAS=True))
+        yield persistent_small.elman_persistent_small_bwd_kernel, dtype, persistent._num_warps_small(dtype), dict(math, **small)
+        largest = {torch.bfloat16: 2048, torch.float32: 1024, torch.float64: 512}[dtype]
+        for BH in sorted({256, largest}):
+            large = dict(REVERSE=False, USE_BARRIER=True, BB=persistent.BB, BN=persistent.BN, BH=BH)
+            warps = persistent._num_warps_large(BH)
+            yield (persistent_large.elman_persistent_large_fwd_kernel, dtype, warps,
+                   dict(fast, **large, HAS_BIAS=True))
+            yield persistent_large.elman_persistent_large_bwd_kernel, dtype, warps, dict(math, **large)
+    yield barrier.barrier_loop_kernel, torch.float32, 4, {}
+
+
+def main():
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: this compiles for a GPU"
+    for kernel, dtype, num_warps, constexprs in configurations():
+        regs, spills = compile_and_count(kernel, dtype, num_warps, **constexprs)
+        shown = {k: v for k, v in constexprs.items() if k in ("BB", "BN", "BK", "BH")}
+        print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=TRITON_DTYPE[dtype], num_warps=num_warps,
+                              **shown, regs=regs, spills=spills)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
