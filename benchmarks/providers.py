@@ -1,0 +1,226 @@
+"""What the suite runs: input sets (Problem) and the implementations it compares (Provider).
+
+Every provider computes the same layer, h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh), on the same
+tensors. A provider's `build(problem)` returns a zero-argument callable giving (y, h_n); building is
+where per-input-set work happens (CUDA-graph capture), so the timed call is only the run itself.
+"""
+from dataclasses import dataclass
+from functools import cache
+from typing import Callable
+
+import torch
+
+from elman_triton import elman_rnn, elman_rnn_reference, persistent
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("forward", "backward", "fwd_bwd")
+
+
+@dataclass(frozen=True)
+class Shape:
+    dtype: str  # a key of DTYPES
+    T: int
+    B: int
+    H: int
+    D: int
+
+    @property
+    def torch_dtype(self):
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class Problem:
+    """One input set. The weights are the parameters of an nn.RNN module, so cuDNN gets its own
+    flattened weight buffer (no per-call repacking) and every provider's gradients land in the
+    same .grad fields. dy is the upstream gradient for the backward modes (None if not needed)."""
+    rnn: torch.nn.RNN
+    x: torch.Tensor
+    h0: torch.Tensor
+    dy: torch.Tensor | None
+
+    @property
+    def nonlinearity(self):
+        return self.rnn.nonlinearity
+
+    @property
+    def args(self):
+        """(x, h0, weight_ih, weight_hh, bias_ih, bias_hh): elman_rnn's positional arguments."""
+        r = self.rnn
+        return self.x, self.h0, r.weight_ih_l0, r.weight_hh_l0, r.bias_ih_l0, r.bias_hh_l0
+
+    def nbytes(self):
+        tensors = (*self.args, self.dy) if self.dy is not None else self.args
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def make_problem(shape, T, device, generator, nonlinearity, with_dy):
+    """Random inputs at sequence length T (the check may use a shorter T than the timed shape).
+    Weights are drawn like nn.RNN's init, U(-1/√H, 1/√H), so the recurrence neither explodes nor
+    saturates; the draws come from `generator` so a run is reproducible."""
+    dtype = shape.torch_dtype
+
+    def uniform(*size, scale=1.0):
+        return (torch.rand(*size, device=device, dtype=dtype, generator=generator) * 2 - 1) * scale
+
+    rnn = torch.nn.RNN(shape.D, shape.H, nonlinearity=nonlinearity, device=device, dtype=dtype)
+    with torch.no_grad():
+        for p in rnn.parameters():  # in place: the cuDNN flat buffer keeps backing the parameters
+            p.copy_(uniform(*p.shape, scale=shape.H ** -0.5))
+    return Problem(
+        rnn=rnn,
+        x=uniform(T, shape.B, shape.D).requires_grad_(),
+        h0=uniform(shape.B, shape.H).requires_grad_(),
+        dy=uniform(T, shape.B, shape.H) if with_dy else None,
+    )
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    build: Callable[[Problem], Callable[[], tuple]]
+    describe: Callable[[Shape, torch.device], str]  # what actually runs for this shape and device
+    ours: bool = False  # this project's code: a failed verification fails the run (exit code)
+    triton: bool = False  # runs Triton kernels: needs a CUDA GPU
+    tf32_flag: str = "matmul"  # the torch flag that lets its fp32 math use TF32: "matmul" or "cudnn"
+    forward_only: str | None = None  # why the backward modes are skipped, if they are
+    check_support: Callable[[Shape, torch.device], None] | None = None  # raises if the shape is not held
+    per_shape_setup: Callable[[], None] | None = None  # called once per shape, before any build
+    note: str = ""
+
+    def availability(self, shape, device, mode):
+        """(status, reason) when this provider does not run for (shape, mode) here, else None."""
+        if self.triton and device.type != "cuda":
+            return "needs_gpu", "Triton kernels need a CUDA GPU (the benchmark does not run the interpreter)"
+        if mode != "forward" and self.forward_only:
+            return "skipped", self.forward_only
+        if self.check_support is not None:
+            try:
+                self.check_support(shape, device)
+            except (NotImplementedError, ValueError, TypeError) as e:
+                return "unsupported", one_line(e)
+            except Exception as e:  # a crash in the support check is a bug, not a limit
+                return "failed", f"support check raised {one_line(e)}"
+        return None
+
+    def uses_tf32(self, device):
+        if device.type != "cuda":
+            return False
+        flag = torch.backends.cudnn if self.tf32_flag == "cudnn" else torch.backends.cuda.matmul
+        return bool(flag.allow_tf32)
+
+
+def one_line(error, limit=300):
+    text = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else type(error).__name__
+    return text[:limit]
+
+
+# ---- builders -------------------------------------------------------------------------------
+
+def _torch_rnn(problem):
+    def run():
+        # cuDNN's inference path (no reserve space) under no_grad; its training path, which backward needs, otherwise
+        problem.rnn.training = torch.is_grad_enabled()
+        y, h_n = problem.rnn(problem.x, problem.h0.unsqueeze(0))
+        return y, h_n[0]
+    return run
+
+
+def _eager(problem):
+    return lambda: elman_rnn_reference(*problem.args, nonlinearity=problem.nonlinearity)
+
+
+@cache
+def _compiled_step():
+    """One step of the reference, compiled: a T=1 call of elman_rnn_reference is exactly one step of
+    the same math. Compiling the whole loop would unroll all T steps (minutes of compile per T).
+    Made on first use: torch.compile imports dynamo, seconds the other providers should not pay."""
+    return torch.compile(elman_rnn_reference)
+
+
+def _compiled_loop(problem):
+    x, h0, *weights = problem.args
+    step = _compiled_step()
+
+    def run():
+        h, ys = h0, []
+        for t in range(x.shape[0]):
+            _, h = step(x[t:t + 1], h, *weights, nonlinearity=problem.nonlinearity)
+            ys.append(h)
+        return torch.stack(ys), h
+    return run
+
+
+def _op(backend):
+    def build(problem):
+        return lambda: elman_rnn(*problem.args, nonlinearity=problem.nonlinearity, backend=backend)
+    return build
+
+
+def _stepwise_graph(problem):
+    """Capture one stepwise forward (T launches) in a CUDA graph bound to this input set; the timed
+    call is the replay. Inference only: the capture runs under no_grad."""
+    run = _op("stepwise")(problem)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()  # compiles the kernels and warms the allocator outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
+# ---- descriptions and support checks --------------------------------------------------------
+
+def _describe_torch_rnn(shape, device):
+    if device.type != "cuda":
+        return "nn.RNN, native CPU kernel"
+    probe = torch.empty(1, device=device, dtype=shape.torch_dtype)
+    # The same test ATen's rnn_tanh/rnn_relu use to pick cuDNN over its own per-step loop.
+    if torch.cudnn_is_acceptable(probe):
+        return "nn.RNN, cuDNN"
+    return "nn.RNN, ATen per-step loop (cuDNN does not take this dtype here)"
+
+
+def _describe_auto(shape, device):
+    if device.type != "cuda":
+        return "elman_rnn auto -> native CPU kernel"
+    try:
+        picked = "persistent" if persistent.supports(shape.B, shape.H, shape.torch_dtype, device) else "stepwise"
+    except Exception as e:
+        return f"elman_rnn auto (persistent.supports raised {one_line(e)})"
+    return f"elman_rnn auto -> {picked}"
+
+
+def _check_persistent(shape, device):
+    persistent.check_supported(shape.B, shape.H, shape.torch_dtype, device)
+
+
+def _fixed(text):
+    return lambda shape, device: text
+
+
+PROVIDERS = {p.name: p for p in (
+    Provider("torch_rnn", _torch_rnn, _describe_torch_rnn, tf32_flag="cudnn",
+             note="the baseline for speedups"),
+    Provider("eager", _eager, _fixed("elman_rnn_reference, Python loop"),
+             note="timed at full T; the timer budget gives few calls at long T"),
+    Provider("compile", _compiled_loop, _fixed("torch.compile of one reference step, Python loop over T"),
+             per_shape_setup=torch.compiler.reset,  # fresh dynamo caches: no recompile-limit fallback to eager
+             note="compile time excluded (first call is the warm-up)"),
+    Provider("stepwise", _op("stepwise"), _fixed("elman_rnn stepwise, one launch per step"),
+             ours=True, triton=True),
+    Provider("stepwise_graph", _stepwise_graph, _fixed("elman_rnn stepwise, CUDA-graph replay"),
+             ours=True, triton=True,
+             forward_only="CUDA-graph capture covers the forward only; backward modes not captured"),
+    Provider("persistent", _op("persistent"), _fixed("elman_rnn persistent, one launch per sequence"),
+             ours=True, triton=True, check_support=_check_persistent),
+    Provider("auto", _op("auto"), _describe_auto, ours=True),
+)}

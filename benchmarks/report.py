@@ -1,0 +1,347 @@
+"""Derived figures (FLOPs, speedups, floors), the project's targets, and the output files."""
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from itertools import product
+from typing import Callable
+
+from benchmarks.measure import ROW_METADATA
+from benchmarks.providers import DTYPES, MODES
+
+BASELINE, EAGER, OURS = "torch_rnn", "eager", "auto"
+MODE_FLOP_FACTOR = {"forward": 1, "backward": 2, "fwd_bwd": 3}  # backward ≈ 2× forward
+ELEMENT_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+NO_GPU_NOTE = ("CPU-only run: GPU figures need a GPU. The Triton providers are reported as 'needs_gpu'; "
+               "cuDNN, peak training memory and the targets are GPU measurements, and the CPU numbers only "
+               "show the suite works.")
+
+ROW_FIELDS = (
+    "provider", "mode", "dtype", "T", "B", "H", "D", "status", "reason", "backend", "note",
+    "check_seq", "tolerance", "tf32", "err_y", "err_h_n", "err_grad",
+    "median_ms", "q20_ms", "q80_ms", "calls", "rotation_sets", "timer",
+    "per_step_us", "tflops", "speedup_vs_torch_rnn", "speedup_vs_eager", "peak_train_mem_mib", "peak_mem_note",
+    "floor_compute_us", "floor_memory_us", "floor_barrier_us", "floor_us",
+    *ROW_METADATA,
+)
+SHAPE_KEYS = ("dtype", "T", "B", "H", "D")
+
+
+def forward_flops(T, B, H, D):
+    """Input projection plus recurrence: 2·T·B·H·(D + H)."""
+    return 2 * T * B * H * (D + H)
+
+
+def mode_flops(mode, T, B, H, D):
+    return MODE_FLOP_FACTOR[mode] * forward_flops(T, B, H, D)
+
+
+def min_bytes(mode, dtype, T, B, H, D):
+    """The least DRAM traffic of a pass: each tensor it must read or write, touched once.
+    forward: read x and the weights, write y. backward: read dy, y, x and the weights, write dx and
+    the weight gradients."""
+    inputs, outputs, weights = T * B * D, T * B * H, H * (D + H) + 2 * H
+    elements = {"forward": inputs + outputs + weights, "backward": 2 * (inputs + outputs + weights)}
+    elements["fwd_bwd"] = elements["forward"] + elements["backward"]
+    return elements[mode] * ELEMENT_BYTES[dtype]
+
+
+def floor(mode, dtype, T, B, H, D, machine):
+    """Lower bounds in µs from the measured machine figures; the barrier term is the persistent
+    design's (one grid barrier per step, per direction), absent when the barrier was not measured."""
+    compute = mode_flops(mode, T, B, H, D) / (machine["matmul_tflops"][dtype] * 1e12) * 1e6
+    memory = min_bytes(mode, dtype, T, B, H, D) / (machine["copy_gbps"] * 1e9) * 1e6
+    barrier = None
+    if machine["barrier_us"] is not None:
+        barrier = machine["barrier_us"] * T * (2 if mode == "fwd_bwd" else 1)
+    bounds = [b for b in (compute, memory, barrier) if b is not None]
+    return {"floor_compute_us": compute, "floor_memory_us": memory, "floor_barrier_us": barrier,
+            "floor_us": max(bounds)}
+
+
+def shape_of(row):
+    return tuple(row[k] for k in SHAPE_KEYS)
+
+
+def add_derived(rows, machine):
+    """Per-step latency, TFLOP/s, speedups over nn.RNN and the eager loop (same shape and mode in
+    this run), and the floor, written into each row."""
+    ok = {(r["provider"], r["mode"], shape_of(r)): r for r in rows if r.get("status") == "ok"}
+    for row in rows:
+        dims = shape_of(row)
+        row.update(floor(row["mode"], *dims, machine))
+        if row.get("status") != "ok":
+            continue
+        seconds = row["median_ms"] * 1e-3
+        row["per_step_us"] = seconds * 1e6 / row["T"]
+        row["tflops"] = mode_flops(row["mode"], *dims[1:]) / seconds / 1e12
+        for name, field in ((BASELINE, "speedup_vs_torch_rnn"), (EAGER, "speedup_vs_eager")):
+            other = ok.get((name, row["mode"], dims))
+            row[field] = other["median_ms"] / row["median_ms"] if other else None
+
+
+def geomean(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+# ---- targets --------------------------------------------------------------------------------
+
+TARGET_GRID = [(B, H) for B, H in product((1, 8, 16, 64), (256, 512, 1024, 2048))]
+GRID_TEXT = "bf16, T=1024, B∈{1,8,16,64} × H∈{256,512,1024,2048}, D=H"
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    mode: str
+    baseline: str | None  # the provider compared with, or None when the target is on ours alone
+    metric: Callable  # (ours row, baseline row or None) -> value per shape
+    aggregate: Callable  # geomean, min or max over the shapes
+    threshold: float
+    higher_is_better: bool
+    unit: str
+    shapes: tuple = tuple(TARGET_GRID)
+
+    def met(self, value):
+        return value >= self.threshold if self.higher_is_better else value <= self.threshold
+
+
+def _speedup(ours, base):
+    return base["median_ms"] / ours["median_ms"]
+
+
+def _memory_ratio(ours, base):
+    if ours.get("peak_train_mem_mib") is None or not base.get("peak_train_mem_mib"):
+        return None
+    return ours["peak_train_mem_mib"] / base["peak_train_mem_mib"]
+
+
+TARGETS = (
+    Target(f"forward speedup over cuDNN, geomean ({GRID_TEXT})", "forward", BASELINE, _speedup, geomean,
+           2.0, True, "×"),
+    Target("forward never slower than cuDNN (worst shape of the same grid)", "forward", BASELINE, _speedup, min,
+           1.0, True, "×"),
+    Target("fwd+bwd speedup over cuDNN, geomean (same grid)", "fwd_bwd", BASELINE, _speedup, geomean,
+           1.5, True, "×"),
+    Target("forward per-step latency at B=16, H=1024 (bf16, T=1024)", "forward", None,
+           lambda ours, _: ours["per_step_us"], max, 1.5, False, " µs", shapes=((16, 1024),)),
+    Target("forward speedup over the eager loop, geomean (same grid)", "forward", EAGER, _speedup, geomean,
+           50.0, True, "×"),
+    Target("peak training memory / cuDNN's (worst shape of the same grid)", "fwd_bwd", BASELINE, _memory_ratio,
+           max, 1.0, False, "×"),
+)
+
+
+def evaluate_targets(rows, targets=TARGETS):
+    """PASS / MISS / NOT MEASURED per target, for `auto` (what users get) against the baseline.
+
+    PASS needs every shape of the target measured. MISS when the measured value misses, when ours
+    failed or errored on a target shape, or when a worst-case target is already missed on the shapes
+    measured. Otherwise NOT MEASURED, with whatever partial figure there is.
+    """
+    index = {(r["provider"], r["mode"], shape_of(r)): r for r in rows}
+    results = []
+    for target in targets:
+        values, broken = [], []
+        for B, H in target.shapes:
+            dims = ("bf16", 1024, B, H, H)
+            ours = index.get((OURS, target.mode, dims))
+            base = index.get((target.baseline, target.mode, dims)) if target.baseline else None
+            if ours is not None and ours["status"] in ("failed", "error"):
+                broken.append(f"B={B},H={H}")
+            base_ok = target.baseline is None or (base is not None and base["status"] == "ok")
+            if ours is None or ours["status"] != "ok" or not base_ok:
+                continue
+            value = target.metric(ours, base)
+            if value is not None:
+                values.append(value)
+        value = target.aggregate(values) if values else None
+        complete = len(values) == len(target.shapes)
+        measured = "—" if value is None else f"{value:.3g}{target.unit} ({len(values)}/{len(target.shapes)} shapes)"
+        if broken:
+            result, detail = "MISS", f"{OURS} failed or errored at {', '.join(broken)}"
+        elif value is None:
+            result, detail = "NOT MEASURED", "the run has no timed rows for this target's shapes"
+        elif not target.met(value) and (complete or target.aggregate in (min, max)):
+            result, detail = "MISS", ""
+        elif complete:
+            result, detail = "PASS", ""
+        else:
+            result, detail = "NOT MEASURED", "only part of the target's shapes were timed"
+        sign = "≥" if target.higher_is_better else "≤"
+        results.append({"target": target.name, "threshold": f"{sign} {target.threshold:g}{target.unit}",
+                        "measured": measured, "value": value, "result": result, "detail": detail})
+    return results
+
+
+def targets_not_evaluated(reason):
+    sign = {True: "≥", False: "≤"}
+    return [{"target": t.name, "threshold": f"{sign[t.higher_is_better]} {t.threshold:g}{t.unit}",
+             "measured": "—", "value": None, "result": "NOT MEASURED", "detail": reason} for t in TARGETS]
+
+
+# ---- files ----------------------------------------------------------------------------------
+
+def _finite(value):
+    """JSON has no NaN or infinity; write them as strings."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_json(path, metadata, machine, targets, rows):
+    doc = {"metadata": metadata, "machine": machine, "targets": targets,
+           "rows": [{k: _finite(row.get(k)) for k in ROW_FIELDS} for row in rows]}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def write_csv(path, rows):
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def provider_geomeans(rows):
+    """{mode: {provider: geomean speedup over nn.RNN across this run's shapes}}."""
+    speedups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        if r.get("speedup_vs_torch_rnn"):
+            speedups[r["mode"]][r["provider"]].append(r["speedup_vs_torch_rnn"])
+    return {mode: {p: geomean(v) for p, v in by.items()} for mode, by in speedups.items()}
+
+
+def summary_markdown(metadata, machine, targets, rows):
+    gpu = metadata["gpu"]
+    out = [f"# Elman RNN benchmarks: {metadata['device']}, {metadata['date']}", ""]
+    dirty = " (uncommitted changes)" if metadata["git_dirty"] else ""
+    out += [f"- torch {metadata['torch']}, triton {metadata['triton']}, CUDA {metadata['cuda']}, "
+            f"cuDNN {metadata['cudnn']}, commit {metadata['git_commit']}{dirty}",
+            f"- TF32: torch.backends.cudnn.allow_tf32={metadata['cudnn_allow_tf32']}, "
+            f"torch.backends.cuda.matmul.allow_tf32={metadata['cuda_matmul_allow_tf32']} "
+            "(fp32 rows computed with TF32 are checked at the fp16 tolerance)",
+            f"- command: `{metadata['command']}`", ""]
+    if not gpu:
+        out += [f"> **{NO_GPU_NOTE}**", ""]
+
+    out += ["## Targets", "", f"For `{OURS}` (what `elman_rnn` users get) on {GRID_TEXT}.", "",
+            "| target | threshold | measured | result | detail |", "|---|---|---|---|---|"]
+    out += [f"| {t['target']} | {t['threshold']} | {t['measured']} | **{t['result']}** | {t['detail']} |"
+            for t in targets]
+
+    bad = [r for r in rows if r["status"] in ("failed", "error")]
+    checked = [r for r in rows if r["status"] in ("ok", "verified", "failed", "error")]
+    out += ["", "## Verification", "",
+            f"{len(checked) - sum(r['status'] == 'failed' for r in rows)} of {len(checked)} checked rows passed "
+            "(relative norm error of y, h_n and, for backward modes, every gradient, against float64)."]
+    out += [f"- **{r['status']}**: {r['provider']} {r['mode']} {_shape_text(r)}: {r['reason']}" for r in bad]
+
+    out += ["", "## Machine figures (the floor)", "",
+            "| figure | value |", "|---|---|"]
+    out += [f"| dense matmul {n}×{n}×{n}, {d} | {v:.3g} TFLOP/s |"
+            for d, v in machine["matmul_tflops"].items() for n in [machine["matmul_size"]]]
+    out += [f"| device copy ({machine['copy_bytes'] / 2 ** 30:.2g} GiB moved) | {machine['copy_gbps']:.4g} GB/s |",
+            f"| grid barrier | {_barrier_text(machine)} |", ""]
+
+    geo = provider_geomeans(rows)
+    if geo:
+        names = sorted({p for by in geo.values() for p in by})
+        out += ["## Speedup over nn.RNN (geomean over this run's shapes)", "",
+                "| mode | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        out += [f"| {mode} | " + " | ".join(_fmt(geo[mode].get(p)) for p in names) + " |" for mode in geo]
+        out += [""]
+
+    out += ["## Results", "", "Times are medians; per step = median / T; × columns are speedups "
+            "(same shape and mode); floor = max(FLOPs / matmul peak, bytes / copy bandwidth, barrier × T).", ""]
+    for mode in MODES:
+        mode_rows = [r for r in rows if r["mode"] == mode]
+        if not mode_rows:
+            continue
+        out += [f"### {mode}", "",
+                "| provider | dtype | T | B | H | D | status | ms | µs/step | TFLOP/s | × nn.RNN | × eager "
+                "| peak MiB | floor µs | runs / reason |",
+                "|---" * 15 + "|"]
+        for r in mode_rows:
+            detail = r.get("reason") or r.get("backend", "")
+            out.append(f"| {r['provider']} | {r['dtype']} | {r['T']} | {r['B']} | {r['H']} | {r['D']} | {r['status']} "
+                       f"| {_fmt(r.get('median_ms'))} | {_fmt(r.get('per_step_us'))} | {_fmt(r.get('tflops'))} "
+                       f"| {_fmt(r.get('speedup_vs_torch_rnn'))} | {_fmt(r.get('speedup_vs_eager'))} "
+                       f"| {_fmt(r.get('peak_train_mem_mib'))} | {_fmt(r.get('floor_us'))} | {detail} |")
+        out += [""]
+    return "\n".join(out)
+
+
+def _barrier_text(machine):
+    if machine["barrier_us"] is None:
+        return machine["barrier_note"]
+    return f"{machine['barrier_us']:.3g} µs ({machine['barrier_note']})"
+
+
+def _shape_text(row):
+    return f"{row['dtype']} T={row['T']} B={row['B']} H={row['H']} D={row['D']}"
+
+
+def _preferred(values, preferred):
+    values = sorted(set(values))
+    return preferred if preferred in values else values[-1]
+
+
+def write_plots(out_dir, rows):
+    """speedup_by_hidden.png (geomean over B of the speedup over nn.RNN, per H) and
+    step_latency_by_batch.png (per-step latency against B), one panel per mode, at the run's bf16
+    (else largest-name) dtype and T=1024 (else the longest T)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in rows if r.get("status") == "ok"]
+    paths = []
+    dtype = _preferred([r["dtype"] for r in timed], "bf16") if timed else None
+    T = _preferred([r["T"] for r in timed if r["dtype"] == dtype], 1024) if timed else None
+    H_latency = _preferred([r["H"] for r in timed if r["dtype"] == dtype and r["T"] == T], 1024) if timed else None
+    picked = [r for r in timed if r["dtype"] == dtype and r["T"] == T]
+
+    def panels(name, title, x_key, y_of, select, ylabel):
+        modes = [m for m in MODES if any(r["mode"] == m for r in rows)] or ["forward"]
+        fig, axes = plt.subplots(1, len(modes), figsize=(5 * len(modes), 4), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            series = defaultdict(lambda: defaultdict(list))
+            for r in picked:
+                if r["mode"] == mode and select(r) and y_of(r) is not None:
+                    series[r["provider"]][r[x_key]].append(y_of(r))
+            for provider, points in sorted(series.items()):
+                xs = sorted(points)
+                ax.plot(xs, [geomean(points[x]) for x in xs], marker="o", label=provider)
+            if not series:
+                ax.text(0.5, 0.5, "no timed rows", ha="center", va="center", transform=ax.transAxes)
+            else:
+                ax.legend(fontsize=8)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel(x_key)
+            ax.set_ylabel(ylabel)
+            ax.set_title(mode)
+            ax.grid(True, which="both", alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+
+    panels("speedup_by_hidden.png", f"speedup over nn.RNN, geomean over B ({dtype}, T={T})", "H",
+           lambda r: r.get("speedup_vs_torch_rnn"), lambda r: True, "speedup (×)")
+    panels("step_latency_by_batch.png", f"per-step latency ({dtype}, T={T}, H={H_latency})", "B",
+           lambda r: r.get("per_step_us"), lambda r: r["H"] == H_latency, "µs per step")
+    return paths

@@ -1,0 +1,219 @@
+"""The sweep: for each shape, check every provider against the float64 reference, then time the
+providers that passed, in each mode. One row per provider × shape × mode, whatever happened."""
+import itertools
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.measure import ROW_METADATA, cache_and_budget, make_timer, peak_training_memory, rotation_count
+from benchmarks.providers import Shape, make_problem, one_line
+from elman_triton import elman_rnn_reference
+
+# ‖a − b‖ / ‖b‖ against the float64 reference.
+TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
+TF32_TOLERANCE = TOLERANCE["fp16"]  # TF32 products keep fp16's 10-bit mantissa
+ARG_NAMES = ("x", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+@dataclass
+class Config:
+    shapes: list
+    providers: list
+    modes: tuple
+    device: torch.device
+    check_seq: int  # the longest T the float64 check runs at
+    rep_ms: float
+    verify_only: bool = False
+    nonlinearity: str = "tanh"
+    seed: int = 0
+
+
+def grid(dtypes, batches, hiddens, seqs, input_sizes=None):
+    """Every combination; D = H unless input sizes are given."""
+    return [Shape(dtype, T, B, H, D)
+            for dtype, T, B, H in itertools.product(dtypes, seqs, batches, hiddens)
+            for D in (input_sizes or [H])]
+
+
+def tolerance(dtype, tf32):
+    return TF32_TOLERANCE if dtype == "fp32" and tf32 else TOLERANCE[dtype]
+
+
+def rel_err(a, b):
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@dataclass
+class Reference:
+    y: torch.Tensor
+    h_n: torch.Tensor
+    grads: list | None
+
+
+def float64_reference(problem, with_grad):
+    leaves = [t.detach().double().requires_grad_(with_grad) for t in problem.args]
+    with torch.set_grad_enabled(with_grad):
+        y, h_n = elman_rnn_reference(*leaves, nonlinearity=problem.nonlinearity)
+    grads = None
+    if with_grad:
+        y.backward(problem.dy.double())
+        grads = [t.grad for t in leaves]
+    return Reference(y.detach(), h_n.detach(), grads)
+
+
+def verify(provider, problem, ref, training, tol):
+    """Run once and compare with the reference: inference (no_grad forward) or training (forward
+    and backward, gradients of every input). Returns the row fields, with 'passed' and 'reason'."""
+    try:
+        run = provider.build(problem)
+        if not training:
+            with torch.no_grad():
+                y, h_n = run()
+            errors = {"err_y": rel_err(y, ref.y), "err_h_n": rel_err(h_n, ref.h_n)}
+        else:
+            for t in problem.args:
+                t.grad = None
+            y, h_n = run()
+            y.backward(problem.dy)
+            errors = {"err_y": rel_err(y, ref.y), "err_h_n": rel_err(h_n, ref.h_n)}
+            per_input = {name: float("inf") if t.grad is None else rel_err(t.grad, g)
+                         for name, t, g in zip(ARG_NAMES, problem.args, ref.grads)}
+            worst = max(per_input, key=lambda name: per_input[name])
+            errors["err_grad"] = per_input[worst]
+    except Exception as e:
+        return {"passed": False, "reason": f"raised {one_line(e)}"}
+    finally:
+        for t in problem.args:
+            t.grad = None
+    too_big = [f"{k}={v:.2e}" + (f" ({worst})" if k == "err_grad" else "")
+               for k, v in errors.items() if not v <= tol]  # `not <=` also catches NaN
+    reason = f"error above tolerance {tol:g}: {', '.join(too_big)}" if too_big else None
+    return {**errors, "passed": not too_big, "reason": reason}
+
+
+def time_mode(provider, problems, mode, timer):
+    """Time one mode, rotating among the input sets. backward: each set keeps one forward graph and
+    the timed call is only its backward (retain_graph), so the forward is not in the number."""
+    runs = [provider.build(p) for p in problems]
+    order = itertools.cycle(range(len(problems)))
+    grads = [t for p in problems for t in p.args]
+    try:
+        if mode == "forward":
+            def call():
+                runs[next(order)]()
+            with torch.no_grad():
+                return timer(call, ())
+        if mode == "fwd_bwd":
+            def call():
+                i = next(order)
+                y, _ = runs[i]()
+                y.backward(problems[i].dy)
+            return timer(call, grads)
+        ys = [run()[0] for run in runs]
+
+        def call():
+            i = next(order)
+            ys[i].backward(problems[i].dy, retain_graph=True)
+        return timer(call, grads)
+    finally:
+        for t in grads:
+            t.grad = None
+
+
+def run_shape(shape, config, timer):
+    """All rows of one shape."""
+    device = config.device
+    blocked = {(p.name, m): p.availability(shape, device, m) for p in config.providers for m in config.modes}
+    runnable = [p for p in config.providers if any(blocked[p.name, m] is None for m in config.modes)]
+    needs_training = any(m != "forward" and blocked[p.name, m] is None for p in runnable for m in config.modes)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    for p in runnable:
+        if p.per_shape_setup:
+            p.per_shape_setup()
+
+    # Check at check_T ≤ T: the float64 reference at very long T costs more than the timing itself.
+    check_T = min(shape.T, config.check_seq)
+    verdicts = {}
+    if runnable:
+        check = make_problem(shape, check_T, device, generator, config.nonlinearity, needs_training)
+        reference = float64_reference(check, needs_training)  # its y and h_n serve the inference check too
+        for p in runnable:
+            tol = tolerance(shape.dtype, p.uses_tf32(device))
+            for training in {m != "forward" for m in config.modes if blocked[p.name, m] is None}:
+                verdicts[p.name, training] = verify(p, check, reference, training, tol)
+        del check, reference
+
+    timed = {}
+    if runnable and not config.verify_only:
+        cache_bytes, budget = cache_and_budget(device)
+        first = make_problem(shape, shape.T, device, generator, config.nonlinearity, needs_training)
+        problems = [first] + [make_problem(shape, shape.T, device, generator, config.nonlinearity, needs_training)
+                              for _ in range(rotation_count(first.nbytes(), cache_bytes, budget) - 1)]
+        for p in runnable:
+            for mode in config.modes:
+                if blocked[p.name, mode] is None and verdicts[p.name, mode != "forward"]["passed"]:
+                    timed[p.name, mode] = _measure(p, problems, mode, timer)
+        del problems, first
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    rows = []
+    for p in config.providers:
+        for mode in config.modes:
+            tf32 = p.uses_tf32(device)
+            row = {"provider": p.name, "mode": mode, **asdict(shape), "backend": p.describe(shape, device),
+                   "note": p.note, "check_seq": check_T, "tolerance": tolerance(shape.dtype, tf32), "tf32": tf32}
+            if blocked[p.name, mode] is not None:
+                row["status"], row["reason"] = blocked[p.name, mode]
+            else:
+                verdict = dict(verdicts[p.name, mode != "forward"])
+                passed = verdict.pop("passed")
+                row.update(verdict)
+                if not passed:
+                    row["status"] = "failed"
+                elif config.verify_only:
+                    row["status"] = "verified"
+                else:
+                    row.update(timed[p.name, mode], timer=timer.description)
+            rows.append(row)
+    return rows
+
+
+def _measure(provider, problems, mode, timer):
+    """Timing fields of one row (and peak memory for fwd_bwd); a crash becomes status 'error'."""
+    try:
+        timing = time_mode(provider, problems, mode, timer)
+        fields = {"status": "ok", "median_ms": timing.median_ms, "q20_ms": timing.q20_ms,
+                  "q80_ms": timing.q80_ms, "calls": timing.calls, "rotation_sets": len(problems)}
+        if mode == "fwd_bwd":
+            peak, how = peak_training_memory(provider.build(problems[0]), problems[0])
+            fields["peak_train_mem_mib"] = None if peak is None else peak / 2 ** 20
+            fields["peak_mem_note"] = how
+        return fields
+    except Exception as e:
+        return {"status": "error", "reason": f"verified, then raised while timing: {one_line(e)}"}
+
+
+def run_sweep(config, metadata, checkpoint=None):
+    """Rows of the whole sweep, each carrying the run's metadata, with a progress bar over shapes.
+    checkpoint(rows) is called after every shape, so a run cut short still leaves what it measured."""
+    timer = make_timer(config.device, config.rep_ms)
+    rows = []
+    bar = tqdm(config.shapes, desc="sweep", unit="shape")
+    for shape in bar:
+        bar.set_postfix_str(f"{shape.dtype} T={shape.T} B={shape.B} H={shape.H} D={shape.D}")
+        try:
+            shape_rows = run_shape(shape, config, timer)
+        except Exception as e:  # e.g. out of memory making the inputs: report the shape, go on
+            reason = f"shape setup raised {one_line(e)}"
+            shape_rows = [{"provider": p.name, "mode": m, **asdict(shape), "status": "error", "reason": reason}
+                          for p in config.providers for m in config.modes]
+        for row in shape_rows:
+            row.update({k: metadata[k] for k in ROW_METADATA})
+            rows.append(row)
+        if checkpoint:
+            checkpoint(rows)
+    return rows

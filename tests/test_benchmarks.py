@@ -1,0 +1,211 @@
+"""The benchmark suite: a tiny end-to-end run of the CLI, failure reporting, and the pure helpers.
+
+Runs on CPU in well under a minute; on a GPU the same tests also run the Triton providers.
+"""
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("tqdm")  # matplotlib and tqdm are the bench extras, not core dependencies
+pytest.importorskip("matplotlib")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not an installed package
+
+from benchmarks import cli, report, sweep  # noqa: E402
+from benchmarks.measure import ROW_METADATA, make_timer, rotation_count  # noqa: E402
+from benchmarks.providers import PROVIDERS, Provider, Shape  # noqa: E402
+from elman_triton import elman_rnn_reference  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+TINY = ["--dtype", "fp32", "--batch", "2", "--hidden", "32", "--seq", "8", "--rep-ms", "20"]
+OUTPUTS = ("results.json", "results.csv", "summary.md", "speedup_by_hidden.png", "step_latency_by_batch.png")
+
+
+def test_cli_run_writes_every_output_with_metadata(tmp_path):
+    out = tmp_path / "bench"
+    providers = ["torch_rnn", "eager", "stepwise", "persistent", "auto"]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), *TINY,
+                           "--providers", *providers], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for name in OUTPUTS:
+        assert (out / name).stat().st_size > 0, name
+
+    doc = json.loads((out / "results.json").read_text())
+    rows = doc["rows"]
+    assert doc["metadata"]["complete"] is True
+    assert len(rows) == len(providers) * 3
+    with (out / "results.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    for row in rows:
+        assert all(key in row for key in ROW_METADATA)
+        assert row["torch"] == torch.__version__ and row["device"] and row["git_commit"]
+        assert row["floor_us"] > 0
+
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    runs_here = ["torch_rnn", "eager", "auto"] + (["stepwise"] if CUDA else [])
+    for (provider, mode), row in by.items():
+        if provider not in runs_here:
+            continue
+        assert row["status"] == "ok", row
+        assert 0 < row["q20_ms"] <= row["median_ms"] <= row["q80_ms"]
+        assert row["per_step_us"] == pytest.approx(row["median_ms"] * 1e3 / row["T"])
+        assert row["tflops"] > 0 and row["speedup_vs_torch_rnn"] > 0
+        assert row["err_y"] <= row["tolerance"] and row["err_h_n"] <= row["tolerance"]
+        if mode != "forward":
+            assert row["err_grad"] <= row["tolerance"]
+    assert by["torch_rnn", "forward"]["speedup_vs_torch_rnn"] == 1.0
+    assert by["persistent", "forward"]["status"] in (("ok", "unsupported") if CUDA else ("needs_gpu",))
+
+    summary = (out / "summary.md").read_text()
+    if not CUDA:
+        assert all(by["stepwise", m]["status"] == "needs_gpu" for m in ("forward", "backward", "fwd_bwd"))
+        assert by["auto", "fwd_bwd"]["peak_train_mem_mib"] is None and by["auto", "fwd_bwd"]["peak_mem_note"]
+        assert "GPU figures need a GPU" in summary and "GPU figures need a GPU" in proc.stdout
+        assert {t["result"] for t in doc["targets"]} == {"NOT MEASURED"}
+    else:
+        assert by["auto", "fwd_bwd"]["peak_train_mem_mib"] > 0
+
+
+def _fake(name, build, **kwargs):
+    return Provider(name, build, lambda shape, device: "fake", **kwargs)
+
+
+def _scaled_reference(problem):
+    """A wrong provider: the reference, 10% too large."""
+    def run():
+        y, h_n = elman_rnn_reference(*problem.args, nonlinearity=problem.nonlinearity)
+        return 1.1 * y, 1.1 * h_n
+    return run
+
+
+def _not_held(shape, device):
+    raise NotImplementedError("B too large for this kernel")
+
+
+def test_failures_are_reported_and_not_timed():
+    providers = [
+        PROVIDERS["eager"],
+        _fake("wrong", _scaled_reference),
+        _fake("limited", PROVIDERS["eager"].build, check_support=_not_held),
+        _fake("crashing", lambda problem: lambda: 1 / 0),
+    ]
+    config = sweep.Config(shapes=[Shape("fp32", 6, 2, 16, 16)], providers=providers,
+                          modes=("forward", "fwd_bwd"), device=torch.device("cpu"), check_seq=1024, rep_ms=5)
+    rows = sweep.run_shape(config.shapes[0], config, make_timer(config.device, config.rep_ms))
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    assert len(rows) == 8
+    assert by["eager", "fwd_bwd"]["status"] == "ok" and by["eager", "fwd_bwd"]["median_ms"] > 0
+    for mode in config.modes:
+        wrong = by["wrong", mode]
+        assert wrong["status"] == "failed" and wrong["err_y"] > 0.05 and "tolerance" in wrong["reason"]
+        assert "median_ms" not in wrong
+        assert by["limited", mode]["status"] == "unsupported" and "B too large" in by["limited", mode]["reason"]
+        assert by["crashing", mode]["status"] == "failed" and "ZeroDivisionError" in by["crashing", mode]["reason"]
+    assert by["wrong", "fwd_bwd"]["err_grad"] > 0.05
+
+
+def test_exit_status_is_1_when_our_provider_fails_verification(tmp_path, monkeypatch):
+    monkeypatch.setitem(cli.PROVIDERS, "auto", dataclasses.replace(PROVIDERS["auto"], build=_scaled_reference))
+    status = cli.main(["--out", str(tmp_path), *TINY, "--providers", "eager", "auto", "--modes", "forward"])
+    assert status == 1
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {r["provider"]: r["status"] for r in rows} == {"eager": "ok", "auto": "failed"}
+    assert "**failed**: auto forward" in (tmp_path / "summary.md").read_text()
+
+
+def test_presets_and_overrides():
+    def shapes(*argv):
+        return cli.sweep_shapes(cli.parse_args(list(argv)), torch.device("cuda"))
+    standard = shapes("--standard")
+    assert len(standard) == 16 and {(s.dtype, s.T) for s in standard} == {("bf16", 1024)}
+    assert all(s.D == s.H for s in standard)
+    assert len(shapes("--full")) == 3 * 5 * 4 * 3
+    assert shapes("--standard", "--batch", "16", "--hidden", "1024", "--input-size", "64", "128") == [
+        Shape("bf16", 1024, 16, 1024, 64), Shape("bf16", 1024, 16, 1024, 128)]
+    quick_cpu = cli.sweep_shapes(cli.parse_args([]), torch.device("cpu"))
+    assert {s.dtype for s in quick_cpu} == {"fp32"} and max(s.T for s in quick_cpu) <= 64
+
+
+def test_flops_bytes_and_floor():
+    assert report.forward_flops(1024, 16, 1024, 1024) == 2 * 1024 * 16 * 1024 * 2048
+    assert report.mode_flops("backward", 8, 2, 4, 3) == 2 * report.forward_flops(8, 2, 4, 3)
+    assert report.mode_flops("fwd_bwd", 8, 2, 4, 3) == 3 * report.forward_flops(8, 2, 4, 3)
+    T, B, H, D = 8, 2, 4, 3
+    forward = 2 * (T * B * D + T * B * H + H * (D + H) + 2 * H)
+    assert report.min_bytes("forward", "bf16", T, B, H, D) == forward
+    assert report.min_bytes("fwd_bwd", "bf16", T, B, H, D) == 3 * forward
+
+    machine = {"matmul_tflops": {"bf16": 1.0}, "copy_gbps": 1.0, "barrier_us": None}
+    f = report.floor("forward", "bf16", T, B, H, D, machine)
+    assert f["floor_barrier_us"] is None
+    assert f["floor_us"] == max(f["floor_compute_us"], f["floor_memory_us"])
+    machine["barrier_us"] = 1.0
+    assert report.floor("fwd_bwd", "bf16", 1024, 1, 1, 1, machine)["floor_us"] == pytest.approx(2048.0)
+
+
+def test_geomean_and_rotation():
+    assert report.geomean([1.0, 4.0]) == pytest.approx(2.0)
+    assert report.geomean([]) is None
+    assert rotation_count(set_bytes=10 << 20, cache_bytes=50 << 20, memory_budget=1 << 40) == 4
+    assert rotation_count(set_bytes=100 << 20, cache_bytes=50 << 20, memory_budget=1 << 40) == 1
+    assert rotation_count(set_bytes=40 << 20, cache_bytes=50 << 20, memory_budget=1 << 40) == 3
+    assert rotation_count(set_bytes=10 << 20, cache_bytes=50 << 20, memory_budget=25 << 20) == 2
+
+
+def _target_rows(speedup=3.0, fwd_bwd_speedup=2.0, step_us=1.0, eager_factor=100.0, memory_ratio=0.9,
+                 grid=report.TARGET_GRID, override=None):
+    """Synthetic rows for the target grid: auto against torch_rnn and eager, all ok."""
+    rows = []
+    for B, H in grid:
+        def row(provider, mode, ms, mem=None):
+            return {"provider": provider, "mode": mode, "dtype": "bf16", "T": 1024, "B": B, "H": H, "D": H,
+                    "status": "ok", "median_ms": ms, "per_step_us": ms * 1e3 / 1024, "peak_train_mem_mib": mem}
+        ours_ms = step_us * 1024 / 1e3
+        rows += [row("auto", "forward", ours_ms), row("torch_rnn", "forward", ours_ms * speedup),
+                 row("eager", "forward", ours_ms * eager_factor),
+                 row("auto", "fwd_bwd", 1.0, mem=100 * memory_ratio),
+                 row("torch_rnn", "fwd_bwd", fwd_bwd_speedup, mem=100)]
+    for (provider, mode, B, H), fields in (override or {}).items():
+        next(r for r in rows if (r["provider"], r["mode"], r["B"], r["H"]) == (provider, mode, B, H)).update(fields)
+    return rows
+
+
+def _results(rows):
+    return [t["result"] for t in report.evaluate_targets(rows)]
+
+
+def test_targets_pass_when_every_figure_meets_them():
+    assert _results(_target_rows()) == ["PASS"] * 6
+
+
+def test_targets_report_each_miss():
+    # geomean still ≥ 2× but one shape slower than cuDNN: only "never slower" misses
+    slow_one = _target_rows(override={("auto", "forward", 64, 2048): {"median_ms": 10.0, "per_step_us": 10e3 / 1024}})
+    results = report.evaluate_targets(slow_one)
+    assert [t["result"] for t in results][:2] == ["PASS", "MISS"]
+    assert results[1]["value"] < 1.0
+    assert _results(_target_rows(fwd_bwd_speedup=1.2))[2] == "MISS"
+    assert _results(_target_rows(step_us=1.6))[3] == "MISS"
+    assert _results(_target_rows(eager_factor=40))[4] == "MISS"
+    assert _results(_target_rows(memory_ratio=1.1))[5] == "MISS"
+
+
+def test_targets_missing_data_and_failures():
+    partial = _target_rows(grid=report.TARGET_GRID[:4])
+    assert _results(partial) == ["NOT MEASURED", "NOT MEASURED", "NOT MEASURED", "NOT MEASURED", "NOT MEASURED",
+                                 "NOT MEASURED"]
+    # a worst-case target is already missed on part of the grid
+    partial_slow = _target_rows(grid=report.TARGET_GRID[:4], speedup=0.5)
+    assert _results(partial_slow)[1] == "MISS"
+    failed = _target_rows(override={("auto", "forward", 16, 1024): {"status": "failed"}})
+    results = report.evaluate_targets(failed)
+    assert [t["result"] for t in results] == ["MISS", "MISS", "PASS", "MISS", "MISS", "PASS"]
+    assert "B=16,H=1024" in results[0]["detail"]
+    assert _results([]) == ["NOT MEASURED"] * 6
