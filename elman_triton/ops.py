@@ -10,6 +10,7 @@ The Triton backends share everything except the recurrence itself:
 Only y (which holds every h_t) is saved for backward; pre-activations are not.
 """
 import torch
+from torch.autograd.function import once_differentiable
 
 from elman_triton import persistent, stepwise
 from elman_triton.config import INTERPRETED, SUPPORTED_DTYPES, accumulator_dtype, kernel_options
@@ -43,6 +44,8 @@ def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
     if x.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(f"backend={backend!r} runs Triton kernels, which need CUDA tensors; on CPU set "
                            "TRITON_INTERPRET=1 before importing elman_triton, or use backend='auto'")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"backend={backend!r} supports {SUPPORTED_DTYPES}, got {x.dtype}")
     recurrence = TRITON_BACKENDS[backend]
     if backend == "persistent":
         persistent.check_supported(x.shape[1], weight_hh.shape[0], x.dtype, x.device)
@@ -75,6 +78,7 @@ class ElmanRNNFunction(torch.autograd.Function):
         return y, h_n
 
     @staticmethod
+    @once_differentiable  # the kernels are not differentiable themselves: refuse double backward
     def backward(ctx, dy, dh_n):
         x, h0, weight_ih, weight_hh, y = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -148,5 +152,3 @@ def _check_inputs(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, b
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
-    if backend in TRITON_BACKENDS and x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"backend={backend!r} supports {SUPPORTED_DTYPES}, got {x.dtype}")
