@@ -10,7 +10,7 @@ import torch
 from elman_triton import elman_rnn, persistent
 from elman_triton.config import INTERPRETED, kernel_options
 from elman_triton.reference import elman_rnn_reference
-from utils import TOLERANCE, as_float64, leaves, make_problem, rel_err
+from utils import TOLERANCE, as_float64, count_launches, leaves, make_problem, rel_err
 
 
 @pytest.fixture(params=["small", "large"])
@@ -18,22 +18,6 @@ def variant(request, monkeypatch):
     if request.param == "large":
         monkeypatch.setattr(persistent, "SMALL_H_MAX", {dt: 0 for dt in persistent.SMALL_H_MAX})
     return request.param
-
-
-class LaunchCounter:
-    """Stands in for a @triton.jit kernel: counts kernel[grid](...) launches and forwards them."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches += 1
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-    def warmup(self, *args, **kwargs):
-        return self.kernel.warmup(*args, **kwargs)
 
 
 def outputs_and_grads(fn, problem, nonlinearity, reverse, weights):
@@ -102,14 +86,12 @@ def test_gradcheck_fp64(variant, device, nonlinearity):
 
 @pytest.mark.parametrize("T", [1, 6])
 def test_small_kernel_is_one_launch_whatever_T(device, monkeypatch, T):
-    counters = {}
-    for name in ("elman_persistent_small_fwd_kernel", "elman_persistent_small_bwd_kernel"):
-        counters[name] = LaunchCounter(getattr(persistent, name))
-        monkeypatch.setattr(persistent, name, counters[name])
+    counters = count_launches(monkeypatch, persistent, "elman_persistent_small_fwd_kernel",
+                              "elman_persistent_small_bwd_kernel")
     problem = make_problem(T, 3, 4, 11, torch.float32, device)
     y, h_n = elman_rnn(*problem.values(), backend="persistent")
     (y.sum() + h_n.sum()).backward()
-    assert [c.launches for c in counters.values()] == [1, 1]
+    assert [c.launches for c in counters] == [1, 1]
 
 
 @pytest.mark.parametrize("T", [1, 5])
@@ -117,15 +99,13 @@ def test_large_kernel_launches(device, monkeypatch, T):
     """One launch per direction on GPU; under the interpreter, one per step forward and one per
     phase (two per step) backward, because there the barrier cannot open."""
     monkeypatch.setattr(persistent, "SMALL_H_MAX", {dt: 0 for dt in persistent.SMALL_H_MAX})
-    counters = {}
-    for name in ("elman_persistent_large_fwd_kernel", "elman_persistent_large_bwd_kernel"):
-        counters[name] = LaunchCounter(getattr(persistent, name))
-        monkeypatch.setattr(persistent, name, counters[name])
+    counters = count_launches(monkeypatch, persistent, "elman_persistent_large_fwd_kernel",
+                              "elman_persistent_large_bwd_kernel")
     problem = make_problem(T, 3, 4, 40, torch.float32, device)
     y, h_n = elman_rnn(*problem.values(), backend="persistent")
     (y.sum() + h_n.sum()).backward()
     expected = [T, 2 * T] if INTERPRETED else [1, 1]
-    assert [c.launches for c in counters.values()] == expected
+    assert [c.launches for c in counters] == expected
 
 
 def test_poisoned_outputs_are_all_written(variant, device):

@@ -13,7 +13,7 @@ from elman_triton import elman_rnn_reference, stepwise
 from elman_triton.config import accumulator_dtype, kernel_options
 from elman_triton.ops import TRITON_BACKENDS
 from test_ops import check_against_oracles
-from utils import TOLERANCE, make_problem, rel_err
+from utils import TOLERANCE, count_launches, make_problem, rel_err
 
 NAN = float("nan")
 
@@ -96,29 +96,11 @@ def test_poisoned_buffers_are_fully_written(backend, dtype, nonlinearity, revers
     assert rel_err(dh0, dh0_ref) <= tol
 
 
-class CountingKernel:
-    """Stands in for a @triton.jit kernel: kernel[grid](...) counts the launch, then runs it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def counted(*args, **kwargs):
-            self.launches += 1
-            return launch(*args, **kwargs)
-        return counted
-
-
 @pytest.mark.parametrize("reverse", [False, True])
 def test_stepwise_launches_one_kernel_per_step(monkeypatch, reverse, device):
     """The stepwise backend really runs its Triton kernels, T forward and T backward launches, and
     gets the reference's y, h_n and gradients from them."""
-    fwd = CountingKernel(stepwise.elman_step_fwd_kernel)
-    bwd = CountingKernel(stepwise.elman_step_bwd_kernel)
-    monkeypatch.setattr(stepwise, "elman_step_fwd_kernel", fwd)
-    monkeypatch.setattr(stepwise, "elman_step_bwd_kernel", bwd)
+    fwd, bwd = count_launches(monkeypatch, stepwise, "elman_step_fwd_kernel", "elman_step_bwd_kernel")
     T = 5
     check_against_oracles(make_problem(T, 3, 4, 6, device=device), "stepwise", reverse=reverse)
     assert (fwd.launches, bwd.launches) == (T, T)

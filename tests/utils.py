@@ -38,3 +38,29 @@ def as_float64(problem):
 
 def leaves(problem):
     return [v for v in problem.values() if v is not None]
+
+
+class LaunchCounter:
+    """Stands in for a @triton.jit kernel: kernel[grid](...) counts the launch, then runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def counted(*args, **kwargs):
+            self.launches += 1
+            return launch(*args, **kwargs)
+        return counted
+
+    def warmup(self, *args, **kwargs):
+        return self.kernel.warmup(*args, **kwargs)
+
+
+def count_launches(monkeypatch, module, *names):
+    """Replace module's kernels `names` with LaunchCounters and return them, in order."""
+    counters = [LaunchCounter(getattr(module, name)) for name in names]
+    for name, counter in zip(names, counters):
+        monkeypatch.setattr(module, name, counter)
+    return counters
