@@ -112,7 +112,7 @@ def check_matches(ours, ref, run, inputs, dtype=F64, compute_dtype=None):
 
 
 @pytest.mark.parametrize("num_layers, bidirectional, batch_first, bias, nonlinearity",
-                         itertools.product([1, 3], [False, True], [False, True], [True, False], ["tanh", "relu"]))
+                         list(itertools.product([1, 3], [False, True], [False, True], [True, False], ["tanh", "relu"])))
 def test_matches_nn_rnn_float64(backend, num_layers, bidirectional, batch_first, bias, nonlinearity):
     ours, ref = make_pair(backend, input_size=D, hidden_size=H, num_layers=num_layers, bias=bias,
                           nonlinearity=nonlinearity, batch_first=batch_first, bidirectional=bidirectional)
