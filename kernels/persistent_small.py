@@ -26,11 +26,7 @@ def elman_persistent_small_fwd_kernel(
     ACT: tl.constexpr, FAST_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr,
 ):
-    i_b = tl.program_id(0)
-    o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
-    o_h = tl.arange(0, BH).to(tl.int64)  # [BH]
-    m_b, m_h = o_b < B, o_h < H
-    m_bh = m_b[:, None] & m_h[None, :]
+    o_b, o_h, m_h, m_bh = _batch_tile(B, H, BB, BH)
     acc_ty = tl.float64 if p_y.dtype.element_ty == tl.float64 else tl.float32
 
     # W_hhᵀ[k, n] = W_hh[n, k], read through strides: [BH, BH], on-chip for all T steps.
@@ -61,11 +57,7 @@ def elman_persistent_small_bwd_kernel(
     REVERSE: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BH: tl.constexpr,
 ):
-    i_b = tl.program_id(0)
-    o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
-    o_h = tl.arange(0, BH).to(tl.int64)  # [BH]
-    m_b, m_h = o_b < B, o_h < H
-    m_bh = m_b[:, None] & m_h[None, :]
+    o_b, o_h, m_h, m_bh = _batch_tile(B, H, BB, BH)
     dz_ty = p_dz.dtype.element_ty
 
     b_w = tl.load(p_w + o_h[:, None] * stride_w_n + o_h[None, :] * stride_w_k,
@@ -84,3 +76,12 @@ def elman_persistent_small_bwd_kernel(
         tl.store(p_dz + t64 * B * H + o_bh, b_dz, mask=m_bh)
         b_dh = matmul(b_dz, b_w, PRECISION, UPCAST)
     tl.store(p_dh0 + o_bh, b_dh, mask=m_bh)
+
+
+@triton.jit
+def _batch_tile(B, H, BB: tl.constexpr, BH: tl.constexpr):
+    """This program's batch rows o_b [BB] and all hidden units o_h [BH] (int64), with masks."""
+    o_b = (tl.program_id(0) * BB + tl.arange(0, BB)).to(tl.int64)
+    o_h = tl.arange(0, BH).to(tl.int64)
+    m_h = o_h < H
+    return o_b, o_h, m_h, (o_b < B)[:, None] & m_h[None, :]
