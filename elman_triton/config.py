@@ -22,9 +22,6 @@ class KernelOptions:
     PRECISION: str
     UPCAST: bool
 
-    def as_kwargs(self):
-        return dict(ACT=self.ACT, FAST_TANH=self.FAST_TANH, PRECISION=self.PRECISION, UPCAST=self.UPCAST)
-
 
 def kernel_options(dtype, nonlinearity, fast_tanh=None):
     """fast_tanh=None picks hardware tanh for 16-bit storage on GPU only (see kernels/common.py).
@@ -48,3 +45,9 @@ def kernel_options(dtype, nonlinearity, fast_tanh=None):
 def accumulator_dtype(dtype):
     """fp32 carried state and accumulation for 16- and 32-bit storage, fp64 for fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_buffer(buf, shape, dtype, name):
+    """The launchers index the buffers this package allocates (xp, y, dz) as contiguous tensors."""
+    assert buf.shape == shape and buf.dtype == dtype and buf.is_contiguous(), \
+        f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)}"

@@ -18,7 +18,7 @@ from measurement on a GPU.
 import torch
 import triton
 
-from elman_triton.config import INTERPRETED, accumulator_dtype
+from elman_triton.config import INTERPRETED, accumulator_dtype, check_buffer
 from elman_triton.kernels.barrier import barrier_loop_kernel
 from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_kernel,
                                                    elman_persistent_large_fwd_kernel)
@@ -73,7 +73,8 @@ def check_supported(B, H, dtype, device):
 
 def forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse=False):
     T, B, H = y.shape
-    _check_buffers(y, xp)
+    check_buffer(xp, y.shape, y.dtype, "xp")
+    check_buffer(y, y.shape, y.dtype, "y")
     common = dict(HAS_BIAS=bias is not None, REVERSE=reverse, ACT=opts.ACT, FAST_TANH=opts.FAST_TANH,
                   PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(H))
     bias_arg = bias if bias is not None else xp
@@ -88,7 +89,7 @@ def forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse=False):
 
 def backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse=False):
     T, B, H = y.shape
-    _check_buffers(y, dz)
+    check_buffer(dz, y.shape, y.dtype, "dz")
     dh = torch.empty(B, H, dtype=accumulator_dtype(y.dtype), device=y.device)
     common = dict(REVERSE=reverse, ACT=opts.ACT, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST,
                   BB=BB, BH=_bh(H))
@@ -103,11 +104,6 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse=False):
     _launch_large(elman_persistent_large_bwd_kernel, T, B, H, n_units=2 * T,
                   args=(dy, y, weight_hh, dz, dh), strides=dy_strides + w_strides, meta=common)
     return dh
-
-
-def _check_buffers(y, other):
-    assert y.is_contiguous() and other.is_contiguous() and other.shape == y.shape and other.dtype == y.dtype, \
-        "the persistent kernels index y, xp and dz as contiguous (T, B, H) tensors of one dtype"
 
 
 def _launch_large(kernel, T, B, H, n_units, args, strides, meta):

@@ -7,7 +7,7 @@ tensors assumed contiguous are the ones this package allocates (xp, y, dz and th
 import torch
 import triton
 
-from elman_triton.config import INTERPRETED, accumulator_dtype
+from elman_triton.config import INTERPRETED, accumulator_dtype, check_buffer
 from elman_triton.kernels.stepwise import elman_step_bwd_kernel, elman_step_fwd_kernel
 
 NUM_WARPS = 8  # 4 spills at BB=64 (ptxas, sm_90a; tests/test_compile_sm90.py)
@@ -28,19 +28,14 @@ def block_sizes(B, H):
     return BB, BN, BK
 
 
-def _check_buffer(buf, shape, dtype, name):
-    assert buf.shape == shape and buf.dtype == dtype and buf.is_contiguous(), \
-        f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)}"
-
-
 def forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse=False):
     """y[t] = act(h_prev W_hhᵀ + xp[t] + bias) for every t, in time order (reversed if reverse).
 
     xp, y: (T, B, H) contiguous; h0: (B, H), any strides; bias: (H,) contiguous or None.
     """
     T, B, H = y.shape
-    _check_buffer(xp, y.shape, y.dtype, "xp")
-    _check_buffer(y, y.shape, y.dtype, "y")
+    check_buffer(xp, y.shape, y.dtype, "xp")
+    check_buffer(y, y.shape, y.dtype, "y")
     BB, BN, BK = block_sizes(B, H)
     grid = (triton.cdiv(B, BB), triton.cdiv(H, BN))
     h_prev = h0
@@ -64,7 +59,7 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse=False):
     dy: (T, B, H) and dh_n: (B, H), any strides (autograd hands over expanded zeros, for example).
     """
     T, B, H = y.shape
-    _check_buffer(dz, y.shape, y.dtype, "dz")
+    check_buffer(dz, y.shape, y.dtype, "dz")
     acc_dtype = accumulator_dtype(y.dtype)
     dh_next = torch.empty(B, H, dtype=acc_dtype, device=y.device)
     dh_next.copy_(dh_n)
