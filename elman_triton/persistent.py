@@ -34,17 +34,25 @@ BN = 16  # hidden units per program in the large-H kernel
 
 
 def _num_warps_small(dtype):
-    """8 warps keep the [BH, BH] weight block in registers; fp64 spills with 8 and fits with 4
-    (ptxas, sm_90a)."""
-    return 4 if dtype == torch.float64 else 8
+    """8 warps keep the [BH, BH] weight block in registers; fp64 spills with 4 or 8 (H a multiple of
+    16 or not) and fits with 2 (ptxas, sm_90a)."""
+    return 2 if dtype == torch.float64 else 8
 
 
-def _num_warps_large(BH):
+def _num_warps_large(BH, dtype):
     """Warps for the large-H kernels: enough threads that the [BH, BN] weight slice and the
     [BB, BH] state tile fit in registers without spilling. Chosen from ptxas's register report for
     sm_90a (bf16: 4 warps spill at BH=2048, 8 warps spill in the backward at BH=2048, 16 do not;
-    fp32 at BH ≤ 512 fits in 4)."""
+    fp32 at BH ≤ 512 fits in 4; fp64 at BH=512 needs 8)."""
+    if dtype == torch.float64:
+        return 4 if BH <= 256 else 8
     return 4 if BH <= 512 else 8 if BH <= 1024 else 16
+
+
+def _k_split(BH, num_warps):
+    """Chunks of the reduction over H in the large-H kernels: one per warp, each ≥ 16 wide (one mma
+    k-step), so each warp's dependent mma chain is BH / (16 · K_SPLIT) long instead of BH / 16."""
+    return min(num_warps, BH // 16)
 
 
 def _bh(H):
@@ -83,7 +91,7 @@ def forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse=False):
         elman_persistent_small_fwd_kernel[(triton.cdiv(B, BB),)](
             xp, h0, weight_hh, bias_arg, y, T, B, H, *strides, **common, num_warps=_num_warps_small(y.dtype))
         return
-    _launch_large(elman_persistent_large_fwd_kernel, T, B, H, n_units=T,
+    _launch_large(elman_persistent_large_fwd_kernel, y, n_units=T,
                   args=(xp, h0, weight_hh, bias_arg, y), strides=strides, meta=common)
 
 
@@ -101,14 +109,16 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse=False):
             **common, num_warps=_num_warps_small(y.dtype))
         return dh
     dh.copy_(dh_n)  # the large kernel reads ∂L/∂h_n from, and leaves ∂L/∂h0 in, this buffer
-    _launch_large(elman_persistent_large_bwd_kernel, T, B, H, n_units=2 * T,
+    _launch_large(elman_persistent_large_bwd_kernel, y, n_units=2 * T,
                   args=(dy, y, weight_hh, dz, dh), strides=dy_strides + w_strides, meta=common)
     return dh
 
 
-def _launch_large(kernel, T, B, H, n_units, args, strides, meta):
+def _launch_large(kernel, y, n_units, args, strides, meta):
+    T, B, H = y.shape
     n_col, n_tiles = triton.cdiv(H, BN), triton.cdiv(B, BB)
-    meta = dict(meta, BN=BN, num_warps=_num_warps_large(meta["BH"]))
+    num_warps = _num_warps_large(meta["BH"], y.dtype)
+    meta = dict(meta, BN=BN, K_SPLIT=_k_split(meta["BH"], num_warps), num_warps=num_warps)
     if INTERPRETED:
         # One unit (step or phase) per launch: Triton's interpreter runs programs one after another.
         for u in range(n_units):
@@ -141,18 +151,19 @@ _BARRIER_WORDS = {}
 
 
 def _barrier_words(device, n_group):
-    """(count, generation) int32 pairs per barrier group, one buffer per (device, stream).
+    """One int32 barrier word per group (kernels/barrier.py), one buffer per (device, stream).
 
-    The kernels leave every count at 0, so the buffer is reused by every later launch and CUDA-graph
-    replay. It must exist before a graph capture starts (a warm-up call outside the capture makes it).
+    The kernels leave every word's count at 0, so the buffer is reused by every later launch and
+    CUDA-graph replay. It must exist before a graph capture starts (a warm-up call outside the
+    capture makes it).
     """
     key = (device, torch.cuda.current_stream(device).cuda_stream)
     words = _BARRIER_WORDS.get(key)
-    if words is None or words.numel() < 2 * n_group:
+    if words is None or words.numel() < n_group:
         if torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the persistent backend's barrier buffer is made on first use; call it once "
                                "outside CUDA-graph capture (a warm-up) before capturing")
-        words = torch.zeros(max(2 * n_group, 256), dtype=torch.int32, device=device)
+        words = torch.zeros(max(n_group, 256), dtype=torch.int32, device=device)
         _BARRIER_WORDS[key] = words
     return words
 

@@ -43,6 +43,25 @@ def activation_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def matmul_split_k(a, b, K_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a [M, K] @ b [K, N] as K_SPLIT partial products over K/K_SPLIT-wide chunks, summed.
+
+    A plain tl.dot with a small M×N (one 16×16 tile) runs K/16 mma instructions back to back on one
+    accumulator in every warp, a dependent chain of 64 mma at K = 1024. The batched form gives each
+    warp its own chunk (Triton puts the warps on the batch axis), so the chain is K/(16·K_SPLIT) long
+    and the K_SPLIT partial tiles are summed once, through shared memory.
+    """
+    if K_SPLIT == 1:
+        return matmul(a, b, PRECISION, UPCAST)
+    M: tl.constexpr = a.shape[0]
+    K: tl.constexpr = a.shape[1]
+    N: tl.constexpr = b.shape[1]
+    a_chunks = tl.permute(tl.reshape(a, [M, K_SPLIT, K // K_SPLIT]), (1, 0, 2))  # [K_SPLIT, M, K/K_SPLIT]
+    b_chunks = tl.reshape(b, [K_SPLIT, K // K_SPLIT, N])  # [K_SPLIT, K/K_SPLIT, N]
+    return tl.sum(matmul(a_chunks, b_chunks, PRECISION, UPCAST), axis=0)
+
+
+@triton.jit
 def matmul(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation (fp64 for fp64 inputs).
 

@@ -15,12 +15,15 @@ memory and meet at their group's barrier once per step:
     phase 1:  dh[tile, j-slice] = dz_t[tile, :] @ W_hh[:, j-slice]   (dh is fp32, program-private
               columns, so phase 1 → next phase 0 needs only an intra-program barrier).
 
-Reads of other programs' data use .cg loads (L2, not the incoherent L1). The barrier is the
-sense-reversing kind: a counter every program bumps (acq_rel) and a generation word the last one to
-arrive bumps after resetting the counter; the others spin on an acquire read of the generation. The
-counter is back at 0 after every barrier, so the same words serve every later launch, repeated
-calls and CUDA-graph replays alike. Co-residency of all programs is the launcher's job (a
-cooperative launch, which fails instead of hanging).
+The matmul splits its reduction over H into K_SPLIT chunks, one per warp (common.matmul_split_k),
+so each warp runs BH / (16·K_SPLIT) dependent mma steps instead of BH / 16.
+
+Reads of other programs' data use .cg loads (L2, not the incoherent L1). The barrier
+(barrier.group_barrier) is one self-resetting word per group: one acq_rel atomic to arrive, acquire
+polls to wait, the generation carried in a register from step to step. The word is back at count 0
+after every barrier, so it serves every later launch, repeated call and CUDA-graph replay.
+Co-residency of all programs is the launcher's job (a cooperative launch, which fails instead of
+hanging).
 
 Triton's interpreter runs programs one after another, so a barrier would never open there. With
 USE_BARRIER=False the launcher runs [unit_begin, unit_end) = one step (forward) or one phase
@@ -29,8 +32,8 @@ USE_BARRIER=False the launcher runs [unit_begin, unit_end) = one step (forward) 
 import triton
 import triton.language as tl
 
-from .barrier import group_barrier
-from .common import activation, activation_grad, matmul
+from .barrier import group_barrier, read_generation
+from .common import activation, activation_grad, matmul_split_k
 
 
 @triton.jit(do_not_specialize=["T", "unit_begin", "unit_end"])
@@ -40,7 +43,7 @@ def elman_persistent_large_fwd_kernel(
     stride_h0_b, stride_h0_h, stride_w_n, stride_w_k,
     HAS_BIAS: tl.constexpr, REVERSE: tl.constexpr, USE_BARRIER: tl.constexpr,
     ACT: tl.constexpr, FAST_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
     i_n, i_g = tl.program_id(0), tl.program_id(1)
     n_col, n_group = tl.num_programs(0), tl.num_programs(1)
@@ -54,6 +57,8 @@ def elman_persistent_large_fwd_kernel(
     b_bias = tl.zeros([BN], dtype=acc_ty)
     if HAS_BIAS:
         b_bias = tl.load(p_bias + o_n, mask=m_n, other=0.0).to(acc_ty)
+    p_word = p_barrier + i_g
+    generation = read_generation(p_word) if USE_BARRIER else 0
 
     for s in range(unit_begin, unit_end):
         t = (T - 1 - s) if REVERSE else s
@@ -71,10 +76,10 @@ def elman_persistent_large_fwd_kernel(
             m_bn = m_b[:, None] & m_n[None, :]
             p_t = t.to(tl.int64) * B * H + o_b[:, None] * H + o_n[None, :]  # [BB, BN]
             b_xp = tl.load(p_xp + p_t, mask=m_bn, other=0.0).to(acc_ty)
-            z = matmul(b_h, b_wt, PRECISION, UPCAST) + b_xp + b_bias[None, :]
+            z = matmul_split_k(b_h, b_wt, K_SPLIT, PRECISION, UPCAST) + b_xp + b_bias[None, :]
             tl.store(p_y + p_t, activation(z, ACT, FAST_TANH).to(p_y.dtype.element_ty), mask=m_bn)
         if USE_BARRIER:
-            group_barrier(p_barrier + 2 * i_g, p_barrier + 2 * i_g + 1, n_col)
+            generation = group_barrier(p_word, n_col, generation)
 
 
 @triton.jit(do_not_specialize=["T", "unit_begin", "unit_end"])
@@ -84,7 +89,7 @@ def elman_persistent_large_bwd_kernel(
     stride_dy_t, stride_dy_b, stride_dy_h, stride_w_n, stride_w_k,
     REVERSE: tl.constexpr, USE_BARRIER: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr, K_SPLIT: tl.constexpr,
 ):
     """Units are phases: unit u is phase u % 2 of step u // 2. p_dh holds ∂L/∂h_n on entry (fp32,
     contiguous (B, H)) and ∂L/∂h0 on exit."""
@@ -97,6 +102,8 @@ def elman_persistent_large_bwd_kernel(
 
     b_w = tl.load(p_w + o_n[:, None] * stride_w_n + o_k[None, :] * stride_w_k,
                   mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BH, BN] = W_hh[:, slice]
+    p_word = p_barrier + i_g
+    generation = read_generation(p_word) if USE_BARRIER else 0
 
     for u in range(unit_begin, unit_end):
         s = u // 2
@@ -118,10 +125,10 @@ def elman_persistent_large_bwd_kernel(
                 b_dz_row = tl.load(p_dz + o_t + o_b[:, None] * H + o_n[None, :],
                                    mask=m_b[:, None] & m_n[None, :], other=0.0,
                                    cache_modifier=".cg")  # [BB, BH], all programs' columns
-                b_dh_new = matmul(b_dz_row, b_w, PRECISION, UPCAST)
+                b_dh_new = matmul_split_k(b_dz_row, b_w, K_SPLIT, PRECISION, UPCAST)
                 tl.store(p_dh + o_own, b_dh_new.to(p_dh.dtype.element_ty), mask=m_bk)
         if u % 2 == 0:
             if USE_BARRIER:
-                group_barrier(p_barrier + 2 * i_g, p_barrier + 2 * i_g + 1, n_col)
+                generation = group_barrier(p_word, n_col, generation)
         else:
             tl.debug_barrier()  # this program's dh stores land before its next phase 0 reads them

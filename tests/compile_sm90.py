@@ -30,29 +30,37 @@ TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "f
 ACCUMULATOR_POINTERS = {"p_bias", "p_dh", "p_dh0", "p_dh_next"}
 
 
-def signature(kernel, dtype, constexprs):
-    """Triton's signature for a launch with contiguous tensors: unit strides along H are
-    specialised to 1 exactly as Triton's runtime does, other ints are i32, pointers typed."""
+def signature(kernel, dtype, constexprs, aligned):
+    """Triton's signature for a launch with contiguous tensors, specialised as Triton's runtime does:
+    unit strides along H become the constant 1, other ints are i32, pointers are typed. aligned: H
+    and B are multiples of 16, so (as at run time) every pointer and int argument except the
+    do_not_specialize ones carries tt.divisibility=16, which lets loads vectorise. Unaligned (H=1000,
+    say) is the register-hungrier case."""
     storage, acc = TRITON_DTYPE[dtype], "fp64" if dtype == torch.float64 else "fp32"
-    sig, consts = {}, dict(constexprs)
-    for name in inspect.signature(kernel.fn).parameters:
+    sig, consts, attrs = {}, dict(constexprs), {}
+    for index, name in enumerate(inspect.signature(kernel.fn).parameters):
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name == "p_barrier":
+            continue
+        if name == "p_barrier":
             sig[name] = "*i32"
         elif name.startswith("p_"):
             sig[name] = "*" + (acc if name in ACCUMULATOR_POINTERS else storage)
         elif name.startswith("stride_") and name.endswith(("_h", "_k")):
             sig[name], consts[name] = "constexpr", 1
+            continue
         else:
             sig[name] = "i32"
-    return sig, consts
+        if aligned and name not in kernel.do_not_specialize:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return sig, consts, attrs
 
 
-def compile_and_count(kernel, dtype, num_warps, **constexprs):
-    sig, consts = signature(kernel, dtype, constexprs)
+def compile_and_count(kernel, dtype, num_warps, aligned, **constexprs):
+    sig, consts, attrs = signature(kernel, dtype, constexprs, aligned)
     options = dict(num_warps=num_warps, launch_cooperative_grid="USE_BARRIER" in constexprs)
-    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=TARGET, options=options)
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
+                              options=options)
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(compiled.asm["ptx"])
     report = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
@@ -74,9 +82,10 @@ def configurations():
                dict(fast, **small, HAS_BIAS=True))
         yield persistent_small.elman_persistent_small_bwd_kernel, dtype, persistent._num_warps_small(dtype), dict(math, **small)
         largest = {torch.bfloat16: 2048, torch.float32: 1024, torch.float64: 512}[dtype]
-        for BH in sorted({256, largest}):
-            large = dict(REVERSE=False, USE_BARRIER=True, BB=persistent.BB, BN=persistent.BN, BH=BH)
-            warps = persistent._num_warps_large(BH)
+        for BH in sorted({256, min(1024, largest), largest}):
+            warps = persistent._num_warps_large(BH, dtype)
+            large = dict(REVERSE=False, USE_BARRIER=True, BB=persistent.BB, BN=persistent.BN, BH=BH,
+                         K_SPLIT=persistent._k_split(BH, warps))
             yield (persistent_large.elman_persistent_large_fwd_kernel, dtype, warps,
                    dict(fast, **large, HAS_BIAS=True))
             yield persistent_large.elman_persistent_large_bwd_kernel, dtype, warps, dict(math, **large)
@@ -86,10 +95,11 @@ def configurations():
 def main():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: this compiles for a GPU"
     for kernel, dtype, num_warps, constexprs in configurations():
-        regs, spills = compile_and_count(kernel, dtype, num_warps, **constexprs)
-        shown = {k: v for k, v in constexprs.items() if k in ("BB", "BN", "BK", "BH")}
-        print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=TRITON_DTYPE[dtype], num_warps=num_warps,
-                              **shown, regs=regs, spills=spills)), flush=True)
+        for aligned in (True, False):
+            regs, spills = compile_and_count(kernel, dtype, num_warps, aligned, **constexprs)
+            shown = {k: v for k, v in constexprs.items() if k in ("BB", "BN", "BK", "BH", "K_SPLIT")}
+            print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=TRITON_DTYPE[dtype], num_warps=num_warps,
+                                  aligned=aligned, **shown, regs=regs, spills=spills)), flush=True)
 
 
 if __name__ == "__main__":

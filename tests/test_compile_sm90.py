@@ -27,6 +27,21 @@ def test_every_kernel_compiles(reports):
                      "barrier_loop_kernel"}
 
 
+# Spills ptxas reports today, accepted with a reason; any other spill, or a larger one, fails.
+# bf16 large-H backward at BH = 2048 when H is not a multiple of 16 (1030 ≤ H ≤ 2047, say): the loads
+# of a dz row cannot vectorise, so each thread holds 64 element addresses against the 128-register cap
+# of 16 warps. Accepted for K_SPLIT's 8× shorter mma chain; H a multiple of 16 does not spill.
+KNOWN_SPILLS = {("elman_persistent_large_bwd_kernel", "bf16", 2048, False): 40}
+
+
 def test_no_register_spills(reports):
-    spilling = [r for r in reports if r["spills"] > 0]
+    spilling = [r for r in reports
+                if r["spills"] > KNOWN_SPILLS.get((r["kernel"], r["dtype"], r.get("BH"), r["aligned"]), 0)]
     assert not spilling, spilling
+
+
+def test_both_alignments_compiled(reports):
+    """Every configuration is compiled as Triton's runtime specialises it for H and B multiples of 16
+    (vectorised loads) and for other sizes."""
+    assert {r["aligned"] for r in reports} == {True, False}
+    assert sum(r["aligned"] for r in reports) * 2 == len(reports)
