@@ -21,7 +21,6 @@ from torch.nn.functional import dropout
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from elman_triton.ops import BACKENDS, elman_rnn
-from elman_triton.reference import elman_rnn_reference
 
 __all__ = ["ElmanRNN", "ElmanRNNCell"]
 
@@ -177,8 +176,6 @@ class _PaddedSteps:
 def _elman(x, h0, weights, nonlinearity, backend, reverse=False):
     w_ih, w_hh, *biases = weights
     b_ih, b_hh = biases or (None, None)
-    if x.shape[1] == 0:  # the op rejects B = 0, where nn.RNN returns empty outputs; the loop gives them
-        return elman_rnn_reference(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, reverse=reverse)
     return elman_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, backend=backend, reverse=reverse)
 
 

@@ -24,7 +24,7 @@ def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
               nonlinearity="tanh", backend="auto", reverse=False):
     """One Elman RNN layer, one direction: h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh).
 
-    x: (T, B, D), time-major. h0: (B, H) or None for zeros. weight_ih: (H, D), weight_hh: (H, H),
+    x: (T, B, D), time-major, T ≥ 1 (B = 0 gives empty outputs, as in nn.RNN). h0: (B, H) or None for zeros. weight_ih: (H, D), weight_hh: (H, H),
     bias_ih / bias_hh: (H,) or None (torch.nn.RNN's layout). Returns y (T, B, H) and h_n (B, H).
 
     backend: "stepwise" (one fused Triton launch per step), "persistent" (one launch for the whole
@@ -34,6 +34,8 @@ def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
     reverse=True runs time backwards (torch.nn.RNN's reverse direction); y stays in input order.
     """
     _check_inputs(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, backend)
+    if x.shape[1] == 0:  # an empty batch, which nn.RNN accepts: empty outputs, zero weight gradients
+        backend = "reference"
     if backend == "auto":
         backend = _auto_backend(x, weight_hh)
     if backend == "reference":
@@ -134,8 +136,8 @@ def _check_inputs(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, b
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D (T, B, D), got shape {tuple(x.shape)}")
     T, B, D = x.shape
-    if T == 0 or B == 0:
-        raise ValueError(f"x must have T ≥ 1 and B ≥ 1, got shape {tuple(x.shape)}")
+    if T == 0:
+        raise ValueError(f"x must have T ≥ 1, got shape {tuple(x.shape)}")
     if weight_hh.dim() != 2 or weight_hh.shape[0] != weight_hh.shape[1]:
         raise ValueError(f"weight_hh must be (H, H), got shape {tuple(weight_hh.shape)}")
     H = weight_hh.shape[0]

@@ -2,105 +2,24 @@
 
 Each comparison checks y, h_n and the gradients of every input for the loss
 L = Σ y·w_y + Σ h_n·w_h (random w_y, w_h, so the final state is in the loss), with the relative norm
-error ‖a − b‖/‖b‖ against TOLERANCE of the op's dtype. The "persistent" cases skip while that
-backend raises NotImplementedError. Without CUDA the Triton kernels run in Triton's interpreter
+error ‖a − b‖/‖b‖ against TOLERANCE of the op's dtype. Without CUDA the Triton kernels run in Triton's interpreter
 (see conftest.py); with CUDA every test runs on the GPU and the @pytest.mark.gpu tests run too.
 """
 import pytest
 import torch
 
-from elman_triton import elman_rnn, elman_rnn_reference, persistent
+from elman_triton import elman_rnn, persistent
 from elman_triton.config import kernel_options
-from utils import TOLERANCE, as_float64, make_problem, rel_err
+from oracles import INPUT_NAMES, assert_close, check_against_oracles, random_loss, reference, run_and_grads
+from utils import TOLERANCE, as_float64, leaves, make_problem
 
 TRITON_BACKENDS = ["stepwise", "persistent"]
 ALL_BACKENDS = TRITON_BACKENDS + ["auto", "reference"]
 ACTIVATIONS = ["tanh", "relu"]
-INPUT_NAMES = ("x", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
-def run_op(problem, backend, **options):
-    """elman_rnn on a problem dict; skips while the persistent backend is not implemented."""
-    try:
-        return elman_rnn(**problem, backend=backend, **options)
-    except NotImplementedError as error:
-        if backend == "persistent":
-            pytest.skip(f"persistent backend: {error}")
-        raise
-
-
-def nn_rnn(problem, nonlinearity="tanh", reverse=False):
-    """torch.nn.RNN (on CPU) with the problem's tensors as its parameters, so gradients reach them.
-
-    reverse=True reads the backward direction of a bidirectional nn.RNN; the forward direction keeps
-    nn.RNN's own random weights and is ignored. A missing bias of the two is a zero tensor.
-    """
-    x, h0, weight_hh = problem["x"], problem["h0"], problem["weight_hh"]
-    T, B, D = x.shape
-    H = weight_hh.shape[0]
-    has_bias = problem["bias_ih"] is not None or problem["bias_hh"] is not None
-    rnn = torch.nn.RNN(D, H, nonlinearity=nonlinearity, bias=has_bias, bidirectional=reverse, dtype=x.dtype)
-    params = {name: p.detach() for name, p in rnn.named_parameters()}
-    suffix = "_l0_reverse" if reverse else "_l0"
-    for name in ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if has_bias else ()):
-        value = problem[name]
-        params[name + suffix] = torch.zeros(H, dtype=x.dtype) if value is None else value.cpu()
-    h = torch.zeros(B, H, dtype=x.dtype) if h0 is None else h0.cpu()
-    hx = torch.stack([torch.zeros_like(h), h]) if reverse else h[None]
-    y, h_n = torch.func.functional_call(rnn, params, (x.cpu(), hx))
-    y = y[..., H:] if reverse else y
-    return y.to(x.device), h_n[-1].to(x.device)
-
-
-def reference(problem, **options):
-    return elman_rnn_reference(**problem, **options)
-
-
-def random_loss(problem, transposed=False):
-    """L(y, h_n) = Σ y·w_y + Σ h_n·w_h with fresh weights drawn in the problem's dtype (exact in fp64).
-
-    transposed=True stores w_y as (H, B, T) and w_h as (H, B), so the gradients autograd hands to the
-    op's backward (dy = w_y, dh_n = w_h) have no unit stride in any dim.
-    """
-    x = problem["x"]
-    T, B, _ = x.shape
-    H = problem["weight_hh"].shape[0]
-
-    def rand(*shape):
-        return torch.randn(*shape, dtype=torch.float64, device=x.device).to(x.dtype)
-
-    w_y, w_h = (rand(H, B, T).permute(2, 1, 0), rand(H, B).T) if transposed else (rand(T, B, H), rand(B, H))
-
-    def loss(y, h_n):
-        return (y * w_y.to(y.dtype)).sum() + (h_n * w_h.to(h_n.dtype)).sum()
-    return loss
-
-
-def run_and_grads(fn, problem, loss):
-    """{"y", "h_n", "grad_<input>" for every input present} for (y, h_n) = fn(problem)."""
-    y, h_n = fn(problem)
-    names = [name for name in INPUT_NAMES if problem[name] is not None]
-    grads = torch.autograd.grad(loss(y, h_n), [problem[name] for name in names])
-    return {"y": y, "h_n": h_n, **{f"grad_{name}": g for name, g in zip(names, grads)}}
-
-
-def assert_close(got, expected, tol, label):
-    assert got.keys() == expected.keys()
-    errors = {key: rel_err(got[key], expected[key]) for key in expected}
-    bad = {key: f"{err:.3g}" for key, err in errors.items() if not err <= tol}  # NaN fails too
-    assert not bad, f"{label}: relative error above {tol:g} in {bad}"
-
-
-def check_against_oracles(problem, backend, loss=None, tol=None, oracles=(reference, nn_rnn), **options):
-    """Run backend on problem and compare everything with the float64 oracles on the same inputs."""
-    loss = loss or random_loss(problem)
-    tol = tol or TOLERANCE[problem["x"].dtype]
-    got = run_and_grads(lambda p: run_op(p, backend, **options), problem, loss)
-    for oracle in oracles:
-        expected = run_and_grads(lambda p: oracle(p, **options), as_float64(problem), loss)
-        assert_close(got, expected, tol, f"{backend} vs {oracle.__name__}")
-    return got
-
+def elman_run(problem, backend, **options):
+    return elman_rnn(**problem, backend=backend, **options)
 
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("nonlinearity", ACTIVATIONS)
@@ -143,7 +62,7 @@ def test_gradcheck(backend, nonlinearity, reverse, device):
     problem = make_problem(3, 2, 3, 4, dtype=torch.float64, device=device)
 
     def op(*inputs):
-        return run_op(dict(zip(INPUT_NAMES, inputs)), backend, nonlinearity=nonlinearity, reverse=reverse)
+        return elman_run(dict(zip(INPUT_NAMES, inputs)), backend, nonlinearity=nonlinearity, reverse=reverse)
     # fast_mode checks vᵀ J u for random u, v per input (a wrong gradient fails with probability 1)
     # with ~2 forward runs per input instead of 2 per input element.
     assert torch.autograd.gradcheck(op, tuple(problem[name] for name in INPUT_NAMES), eps=1e-6, atol=1e-8,
@@ -156,10 +75,10 @@ def test_nan_stays_in_its_batch_row(backend, reverse, device):
     T, B, t, b = 5, 19, 2, 7
     problem = make_problem(T, B, 4, 20, device=device)
     loss = random_loss(problem)
-    clean = run_and_grads(lambda p: run_op(p, backend, reverse=reverse), problem, loss)
+    clean = run_and_grads(lambda p: elman_run(p, backend, reverse=reverse), problem, loss)
     x = problem["x"].detach().clone()
     x[t, b, 1] = float("nan")
-    poisoned = run_and_grads(lambda p: run_op(p, backend, reverse=reverse), {**problem, "x": x.requires_grad_()}, loss)
+    poisoned = run_and_grads(lambda p: elman_run(p, backend, reverse=reverse), {**problem, "x": x.requires_grad_()}, loss)
 
     others = [i for i in range(B) if i != b]
     for key, batch_dim in (("y", 1), ("h_n", 0), ("grad_x", 1), ("grad_h0", 0)):
@@ -212,7 +131,7 @@ def test_stride_zero_and_missing_grads(backend, loss, device):
 def test_backward_is_deterministic(backend, device):
     problem = make_problem(3, 19, 5, 130, device=device)
     loss = random_loss(problem)
-    first, second = (run_and_grads(lambda p: run_op(p, backend), problem, loss) for _ in range(2))
+    first, second = (run_and_grads(lambda p: elman_run(p, backend), problem, loss) for _ in range(2))
     for key in first:
         assert torch.equal(first[key], second[key]), key
 
@@ -223,7 +142,7 @@ def test_double_backward_is_refused(backend, device):
     than silently drop every path through the recurrence kernels."""
     problem = make_problem(2, 2, 3, 4, device=device)
     for loss in (random_loss(problem), LOSSES["squares"]):  # dy without and with a graph of its own
-        y, h_n = run_op(problem, backend)
+        y, h_n = elman_run(problem, backend)
         grad_x, = torch.autograd.grad(loss(y, h_n), problem["x"], create_graph=True)
         with pytest.raises(RuntimeError, match="differentiate twice|does not require grad|not have been used"):
             torch.autograd.grad(grad_x.square().sum(), problem["weight_ih"])
@@ -253,7 +172,7 @@ def test_half_precision(backend, dtype, nonlinearity, device):
     problem = make_problem(3, 19, 5, 130, dtype=dtype, device=device)
     loss = random_loss(problem)
     tol = TOLERANCE[dtype]
-    got = run_and_grads(lambda p: run_op(p, backend, nonlinearity=nonlinearity), problem, loss)
+    got = run_and_grads(lambda p: elman_run(p, backend, nonlinearity=nonlinearity), problem, loss)
     expected = run_and_grads(lambda p: reference(p, nonlinearity=nonlinearity), as_float64(problem), loss)
     if nonlinearity == "relu":
         outputs = ("y", "h_n")
@@ -261,6 +180,17 @@ def test_half_precision(backend, dtype, nonlinearity, device):
         gated = gated_reference((got["y"] > 0).double())
         expected = run_and_grads(gated, as_float64(problem), loss)
     assert_close(got, expected, tol, f"{backend} {dtype} {nonlinearity}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_empty_batch_gives_empty_outputs(backend, device):
+    """B = 0, which nn.RNN accepts: y (T, 0, H) and h_n (0, H); weight gradients are zeros."""
+    problem = make_problem(3, 0, 4, 5, device=device)
+    y, h_n = elman_rnn(*problem.values(), backend=backend)
+    assert y.shape == (3, 0, 5) and h_n.shape == (0, 5)
+    grads = torch.autograd.grad(y.sum() + h_n.sum(), leaves(problem))
+    for name, g in zip([k for k, v in problem.items() if v is not None], grads):
+        assert g.shape == problem[name].shape and not g.any(), name
 
 
 def bad_input_cases():
@@ -273,7 +203,6 @@ def bad_input_cases():
         ("x-2d", dict(x=rand(B, D)), ValueError, r"^x must be 3-D"),
         ("x-4d", dict(x=rand(T, B, D, 1)), ValueError, r"^x must be 3-D"),
         ("T-0", dict(x=rand(0, B, D)), ValueError, r"^x must have T ≥ 1"),
-        ("B-0", dict(x=rand(T, 0, D)), ValueError, r"^x must have T ≥ 1 and B ≥ 1"),
         ("weight_ih-wrong-D", dict(weight_ih=rand(H, D + 1)), ValueError, r"^weight_ih must be \(H, D\)"),
         ("weight_ih-wrong-H", dict(weight_ih=rand(H + 1, D)), ValueError, r"^weight_ih must be \(H, D\)"),
         ("weight_hh-not-square", dict(weight_hh=rand(H, H + 1)), ValueError, r"^weight_hh must be"),

@@ -12,7 +12,7 @@ import triton
 from elman_triton import elman_rnn_reference, stepwise
 from elman_triton.config import accumulator_dtype, kernel_options
 from elman_triton.ops import TRITON_BACKENDS
-from test_ops import check_against_oracles
+from oracles import check_against_oracles
 from utils import TOLERANCE, count_launches, make_problem, rel_err
 
 NAN = float("nan")
