@@ -7,7 +7,8 @@ The Triton backends share everything except the recurrence itself:
               dx = dz W_ih, dW_ih = Σ_t dz_tᵀ x_t, dW_hh = Σ_t dz_tᵀ h_{t-1}, db = Σ_t dz_t
               are big GEMMs/reductions. No atomics anywhere, so gradients are deterministic.
 
-Only y (which holds every h_t) is saved for backward; pre-activations are not.
+Only y (which holds every h_t) is saved for backward; pre-activations are not. The forward writes y
+over xp, so its only (T, B, H) buffer is the output itself.
 """
 import torch
 from torch.autograd.function import once_differentiable
@@ -71,7 +72,9 @@ class ElmanRNNFunction(torch.autograd.Function):
             h0 = x.new_zeros(B, H)
         opts = kernel_options(x.dtype, nonlinearity)
         xp = torch.matmul(x, weight_ih.T)  # [T, B, H], one GEMM for all steps
-        y = torch.empty_like(xp)
+        # y overwrites xp in place: each xp element is read only by the program that then writes the
+        # y element at the same place, before it does, so the forward holds one (T, B, H) buffer, not two.
+        y = xp
         recurrence.forward_recurrence(xp, h0, weight_hh, _combined_bias(bias_ih, bias_hh, H, x), y, opts, reverse)
         h_n = (y[0] if reverse else y[-1]).clone()
         ctx.save_for_backward(x, h0, weight_ih, weight_hh, y)

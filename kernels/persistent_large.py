@@ -15,6 +15,9 @@ memory and meet at their group's barrier once per step:
     phase 1:  dh[tile, j-slice] = dz_t[tile, :] @ W_hh[:, j-slice]   (dh is fp32, program-private
               columns, so phase 1 → next phase 0 needs only an intra-program barrier).
 
+y may be written over Xp (p_y = p_xp): a program reads Xp_t only in its own tile, before writing
+y_t there, and reads other programs' columns only of y_{t∓1}, complete since the last barrier.
+
 The matmul splits its reduction over H into K_SPLIT chunks, one per warp (common.matmul_split_k),
 so each warp runs BH / (16·K_SPLIT) dependent mma steps instead of BH / 16.
 

@@ -8,6 +8,7 @@ W_hhᵀ (forward) or W_hh (backward) as one [BH, BH] block before the time loop,
 on-chip for the whole sequence, and carries the state h (forward) or dh (backward) as an fp32
 [BB, BH] block (fp64 for fp64 storage) from step to step: nothing but y / dz and the Xp / dy
 inputs touches global memory inside the loop. Step s handles t = s, or t = T-1-s when REVERSE.
+y may be written over Xp (p_y = p_xp): a program reads only the Xp_t rows it then overwrites.
 
 The state is rounded to the storage dtype only as the dot operand, as it would be in any GEMM.
 """

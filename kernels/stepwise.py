@@ -7,6 +7,7 @@ Forward step (the input projection Xp = x W_ihᵀ for all T is one GEMM done bef
 Tiling: program (i, j) owns the output tile h_t[i·BB : (i+1)·BB, j·BN : (j+1)·BN] and loops over
 the reduction dimension in BK chunks: acc[BB, BN] += h_{t-1}[BB, BK] @ W_hhᵀ[BK, BN]. W_hhᵀ is
 never materialised: the tile is loaded through W_hh's strides with the two indices swapped.
+h_t may be written over Xp_t (p_h = p_xp): each program reads only the Xp_t tile it then overwrites.
 
 Backward step (BPTT, reverse time), with dh_{t+1} the gradient reaching h_t from step t+1:
 
