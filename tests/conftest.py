@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton (and so elman_triton) is imported: Tr
 interpreter and compiler when a kernel is decorated.
 """
 import os
+import zlib
 
 import torch
 
@@ -26,3 +27,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def seed_from_test_id(request):
+    """Fresh random data for every test, different from test to test, and the same on every run, so a
+    failure reproduces. (Unseeded, a few-element fp32 gradient such as grad_bias at H = 1 is now and
+    then a sum that cancels to ~1e-3 of its terms, and its 1e-7 rounding shows as > 1e-5 relative.)"""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
