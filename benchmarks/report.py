@@ -183,6 +183,42 @@ def targets_not_evaluated(reason):
              "measured": "—", "value": None, "result": "NOT MEASURED", "detail": reason} for t in TARGETS]
 
 
+# ---- auto's choice --------------------------------------------------------------------------
+
+CANDIDATES = ("persistent", "stepwise")  # the Triton backends auto chooses between
+
+
+def dispatch_check(rows):
+    """Per shape and mode where both candidates were timed: the faster one, what auto ran (from its
+    row's backend text, "elman_rnn auto -> <backend>"), and how much auto lost to the faster one.
+    This is the measured crossover that elman_triton.persistent.supports (auto's rule) answers to."""
+    index = {(r["provider"], r["mode"], shape_of(r)): r for r in rows if r.get("status") == "ok"}
+    checks = []
+    for (provider, mode, dims), auto in sorted(index.items(), key=lambda item: (item[0][1], item[0][2])):
+        timed = {name: index.get((name, mode, dims)) for name in CANDIDATES}
+        if provider != OURS or not all(timed.values()):
+            continue
+        faster = min(CANDIDATES, key=lambda name: timed[name]["median_ms"])
+        picked = auto.get("backend", "").rpartition("-> ")[2] or "unknown"
+        checks.append({"mode": mode, **dict(zip(SHAPE_KEYS, dims)), "faster": faster, "picked": picked,
+                       "ratio": timed[CANDIDATES[1]]["median_ms"] / timed[CANDIDATES[0]]["median_ms"],
+                       "auto_over_best": auto["median_ms"] / timed[faster]["median_ms"]})
+    return checks
+
+
+def dispatch_markdown(checks):
+    if not checks:
+        return ["No shape has both persistent and stepwise timed, so auto's rule is not checked by this run."]
+    agree = sum(c["picked"] == c["faster"] for c in checks)
+    out = [f"auto ran the faster Triton backend in {agree} of {len(checks)} shape × mode cells.", "",
+           "| mode | dtype | T | B | H | D | stepwise / persistent time | faster | auto ran | auto / faster |",
+           "|---" * 10 + "|"]
+    out += [f"| {c['mode']} | {c['dtype']} | {c['T']} | {c['B']} | {c['H']} | {c['D']} | {c['ratio']:.3g} "
+            f"| {c['faster']} | {c['picked']}{'' if c['picked'] == c['faster'] else ' ✗'} | {c['auto_over_best']:.3g} |"
+            for c in checks]
+    return out
+
+
 # ---- files ----------------------------------------------------------------------------------
 
 def _finite(value):
@@ -261,6 +297,8 @@ def summary_markdown(metadata, machine, targets, rows):
                 "| mode | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         out += [f"| {mode} | " + " | ".join(_fmt(geo[mode].get(p)) for p in names) + " |" for mode in geo]
         out += [""]
+
+    out += ["## auto's choice against the measured crossover", ""] + dispatch_markdown(dispatch_check(rows)) + [""]
 
     out += ["## Results", "", "Times are medians; per step = median / T; × columns are speedups "
             "(same shape and mode); floor = max(FLOPs / matmul peak, bytes / copy bandwidth, barrier × T).", ""]

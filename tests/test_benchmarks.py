@@ -209,3 +209,19 @@ def test_targets_missing_data_and_failures():
     assert [t["result"] for t in results] == ["MISS", "MISS", "PASS", "MISS", "MISS", "PASS"]
     assert "B=16,H=1024" in results[0]["detail"]
     assert _results([]) == ["NOT MEASURED"] * 6
+
+
+def test_dispatch_check_finds_the_faster_backend_and_autos_choice():
+    def row(provider, ms, B, backend=""):
+        return {"provider": provider, "mode": "forward", "dtype": "bf16", "T": 1024, "B": B, "H": 1024, "D": 1024,
+                "status": "ok", "median_ms": ms, "backend": backend}
+    rows = [row("persistent", 1.0, 1), row("stepwise", 4.0, 1), row("auto", 1.1, 1, "elman_rnn auto -> persistent"),
+            row("persistent", 3.0, 64), row("stepwise", 2.0, 64), row("auto", 3.0, 64, "elman_rnn auto -> persistent"),
+            row("persistent", 1.0, 8), row("auto", 1.0, 8, "elman_rnn auto -> persistent")]  # no stepwise: skipped
+    checks = report.dispatch_check(rows)
+    assert [(c["B"], c["faster"], c["picked"]) for c in checks] == [(1, "persistent", "persistent"),
+                                                                    (64, "stepwise", "persistent")]
+    assert checks[0]["ratio"] == 4.0 and checks[1]["auto_over_best"] == 1.5
+    text = "\n".join(report.dispatch_markdown(checks))
+    assert "auto ran the faster Triton backend in 1 of 2" in text and "persistent ✗" in text
+    assert "not checked" in report.dispatch_markdown([])[0]
