@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU session's work, in calls that each fit a 10-minute device command:
+#
+#   bash benchmarks/gpu_session.sh tests   # the whole test suite, GPU-marked tests included
+#   bash benchmarks/gpu_session.sh bench   # python -m benchmarks --standard (the target grid)
+#
+# Logs and results go to $OUT when it is set (the device tool's folder), else benchmarks/results/.
+# The machine has no network: the package is installed from this checkout without build isolation.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+dest=${OUT:-benchmarks/results}
+mkdir -p "$dest"
+export PYTHONUNBUFFERED=1
+
+$PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+{ nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, \
+'| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"; } >"$dest/environment.txt" 2>&1
+
+case "${1:-}" in
+tests)
+    # A hung barrier must not eat the call: every test gets 300 s where pytest-timeout is installed.
+    limit=$($PY -c "import pytest_timeout" 2>/dev/null && echo "--timeout=300 --timeout-method=thread")
+    # shellcheck disable=SC2086
+    $PY -m pytest -q -rs $limit 2>&1 | tee "$dest/pytest.log"
+    ;;
+bench)
+    timeout 560 $PY -m benchmarks --standard --out "$dest/standard" 2>&1 | tee "$dest/bench.log"
+    ;;
+*)
+    echo "usage: bash benchmarks/gpu_session.sh tests|bench" >&2
+    exit 2
+    ;;
+esac
