@@ -1,8 +1,10 @@
 """Host side of the persistent backend: the whole sequence in one launch (kernels/persistent_*.py).
 
 Two kernel shapes, picked by H:
-  * small H (BH = next_pow2(H) ≤ SMALL_H_MAX): one program per batch tile holds all of W_hh and
-    carries the state in registers; programs never talk. One launch forward, one backward.
+  * small H (BH = next_pow2(H) ≤ SMALL_H_MAX: 256 in 16-bit on devices with the shared memory for
+    it, else 128; 64 in fp32/fp64): one program per batch tile holds all of W_hh on-chip and
+    carries the state in registers; programs never talk, so a step costs no barrier. One launch
+    forward, one backward.
   * large H: n_col = ⌈H / BN⌉ programs each hold a BN-column slice of W_hh and meet at a grid
     barrier every step (every phase, backward). Batch tiles are spread over n_group independent
     barrier groups when the grid has room. One cooperative launch forward, one backward; under
@@ -12,9 +14,11 @@ Two kernel shapes, picked by H:
 Limits (LARGE_SLICE_BYTES): the on-chip W_hh slice [BH, BN] and the state tile [BB, BH] are each
 kept ≤ 64 KiB, which holds H ≤ 2048 for 16-bit storage, H ≤ 1024 for fp32, H ≤ 512 for fp64.
 Larger H is not supported by this backend (check_supported raises; "auto" uses stepwise).
-These limits come from register-file arithmetic (64 Ki 32-bit registers per SM on Hopper), not yet
-from measurement on a GPU.
+These limits come from on-chip capacity and ptxas's register reports for sm_90a, not yet from
+measurement on a GPU.
 """
+import functools
+
 import torch
 import triton
 
@@ -25,9 +29,13 @@ from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_ke
 from elman_triton.kernels.persistent_small import (elman_persistent_small_bwd_kernel,
                                                    elman_persistent_small_fwd_kernel)
 
-# Largest next_pow2(H) of the small-H kernel per dtype, and its warps: ptxas (sm_90a) compiles these
-# without spilling (tests/test_compile_sm90.py); fp32 at 128 spills in the forward.
-SMALL_H_MAX = {torch.float16: 128, torch.bfloat16: 128, torch.float32: 64, torch.float64: 64}
+# Largest next_pow2(H) of the small-H kernel per dtype. ptxas (sm_90a) compiles these without spill
+# traffic in the time loop (tests/test_compile_sm90.py); fp32 at 128 spills in the forward. At 256 the
+# 16-bit kernel keeps its 256×256 W_hh block in shared memory: 136 KiB forward, 176 KiB backward, so
+# it needs a device that offers SMALL_H_256_SHARED_BYTES per program (Hopper: 227 KiB); elsewhere
+# the limit is 128.
+SMALL_H_MAX = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 64, torch.float64: 64}
+SMALL_H_256_SHARED_BYTES = 180 * 1024
 LARGE_SLICE_BYTES = 64 * 1024
 BB = 16  # batch rows per tile; tl.dot needs ≥ 16
 BN = 16  # hidden units per program in the large-H kernel
@@ -59,15 +67,32 @@ def _bh(H):
     return max(16, triton.next_power_of_2(H))
 
 
-def _is_small(H, dtype):
-    return _bh(H) <= SMALL_H_MAX[dtype]
+def _is_small(H, dtype, device):
+    BH = _bh(H)
+    if BH > SMALL_H_MAX[dtype]:
+        return False
+    return BH < 256 or _shared_bytes(device) >= SMALL_H_256_SHARED_BYTES
+
+
+def _shared_bytes(device):
+    """Shared memory one program may use on device (opt-in maximum); unbounded under the interpreter."""
+    if device is None or torch.device(device).type != "cuda":
+        return float("inf")
+    return _device_properties(torch.device(device))["max_shared_mem"]
+
+
+@functools.cache
+def _device_properties(device):
+    """Triton's view of a CUDA device: SM count, registers and shared memory per SM."""
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return triton.runtime.driver.active.utils.get_device_properties(index)
 
 
 def supports(B, H, dtype, device):
     """Whether this backend holds (B, H, dtype) on device; "auto" uses it when it does."""
     if dtype not in SMALL_H_MAX:
         return False
-    if _is_small(H, dtype):
+    if _is_small(H, dtype, device):
         return True
     elt = torch.empty((), dtype=dtype).element_size()
     return _bh(H) * max(BN, BB) * elt <= LARGE_SLICE_BYTES
@@ -87,7 +112,7 @@ def forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse=False):
                   PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(H))
     bias_arg = bias if bias is not None else xp
     strides = (h0.stride(0), h0.stride(1), weight_hh.stride(0), weight_hh.stride(1))
-    if _is_small(H, y.dtype):
+    if _is_small(H, y.dtype, y.device):
         elman_persistent_small_fwd_kernel[(triton.cdiv(B, BB),)](
             xp, h0, weight_hh, bias_arg, y, T, B, H, *strides, **common, num_warps=_num_warps_small(y.dtype))
         return
@@ -103,7 +128,7 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse=False):
                   BB=BB, BH=_bh(H))
     dy_strides = (dy.stride(0), dy.stride(1), dy.stride(2))
     w_strides = (weight_hh.stride(0), weight_hh.stride(1))
-    if _is_small(H, y.dtype):
+    if _is_small(H, y.dtype, y.device):
         elman_persistent_small_bwd_kernel[(triton.cdiv(B, BB),)](
             dy, dh_n, y, weight_hh, dz, dh, T, B, H, *dy_strides, dh_n.stride(0), dh_n.stride(1), *w_strides,
             **common, num_warps=_num_warps_small(y.dtype))
@@ -139,7 +164,7 @@ def _coresident_programs(compiled, device, num_warps):
     """How many programs of this compiled kernel the whole GPU holds at once (registers, shared memory,
     threads per SM), as Triton's fused-softmax tutorial computes occupancy."""
     compiled._init_handles()
-    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    props = _device_properties(device)
     threads = 32 * num_warps
     per_sm = min(props["max_num_regs"] // max(1, compiled.n_regs * threads),
                  props["max_shared_mem"] // max(1, compiled.metadata.shared),

@@ -1,11 +1,13 @@
-"""Compile every kernel for sm_90a (H100/H200) without a GPU and report ptxas's registers and spills.
+"""Compile every kernel for sm_90a (H100/H200) without a GPU and report registers and spills.
 
 The interpreter never compiles anything, so it cannot catch GPU-only failures: a kernel that does
 not lower (type clashes between branches, the grid barrier's atomics, inline PTX), or a tile choice
-that spills registers to local memory. Triton ships ptxas, so this runs on any machine. It must run
-without TRITON_INTERPRET; tests/test_compile_sm90.py starts it in a subprocess.
+that spills registers to local memory. Triton ships ptxas and cuobjdump, so this runs on any
+machine: ptxas reports registers and spill bytes, and the SASS says whether any spill traffic is
+inside a loop (the time loop: paid every step) or only in the prologue (paid once per launch). It
+must run without TRITON_INTERPRET; tests/test_compile_sm90.py starts it in a subprocess.
 
-    python tests/compile_sm90.py          # one JSON object per line: kernel, config, regs, spills
+    python tests/compile_sm90.py   # one JSON object per line: kernel, config, regs, spills, loop_spill_ops
 """
 import inspect
 import json
@@ -25,7 +27,8 @@ from elman_triton.kernels import barrier, persistent_large, persistent_small
 from elman_triton.kernels import stepwise as stepwise_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS, CUOBJDUMP = os.path.join(NVIDIA_BIN, "ptxas"), os.path.join(NVIDIA_BIN, "cuobjdump")
 TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 ACCUMULATOR_POINTERS = {"p_bias", "p_dh", "p_dh0", "p_dh_next"}
 
@@ -57,16 +60,38 @@ def signature(kernel, dtype, constexprs, aligned):
 
 
 def compile_and_count(kernel, dtype, num_warps, aligned, **constexprs):
+    """(registers, spill bytes, local-memory instructions inside loops) of one configuration."""
     sig, consts, attrs = signature(kernel, dtype, constexprs, aligned)
     options = dict(num_warps=num_warps, launch_cooperative_grid="USE_BARRIER" in constexprs)
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
                               options=options)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
-    report = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                            capture_output=True, text=True, check=True).stderr
-    os.unlink(f.name)
-    return int(re.search(r"Used (\d+) registers", report).group(1)), int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        report = subprocess.run([PTXAS, "-v", "--gpu-name", "sm_90a", ptx, "-o", os.devnull],
+                                capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"Used (\d+) registers", report).group(1))
+    spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return regs, spills, local_memory_ops_in_loops(sass)
+
+
+def local_memory_ops_in_loops(sass):
+    """How many local-memory instructions (STL/LDL: spills and their reloads) sit inside a loop of the
+    SASS. A loop is the span from a backward branch's target to the branch. Spills outside every
+    loop run once per launch; inside the time loop they cost every step."""
+    instructions = [(int(m.group(1), 16), m.group(2))
+                    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+    return sum(1 for address, text in instructions
+               if re.search(r"\b(STL|LDL)\b", text) and any(lo <= address <= hi for lo, hi in loops))
 
 
 def configurations():
@@ -96,10 +121,11 @@ def main():
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: this compiles for a GPU"
     for kernel, dtype, num_warps, constexprs in configurations():
         for aligned in (True, False):
-            regs, spills = compile_and_count(kernel, dtype, num_warps, aligned, **constexprs)
+            regs, spills, loop_spill_ops = compile_and_count(kernel, dtype, num_warps, aligned, **constexprs)
             shown = {k: v for k, v in constexprs.items() if k in ("BB", "BN", "BK", "BH", "K_SPLIT")}
             print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=TRITON_DTYPE[dtype], num_warps=num_warps,
-                                  aligned=aligned, **shown, regs=regs, spills=spills)), flush=True)
+                                  aligned=aligned, **shown, regs=regs, spills=spills,
+                                  loop_spill_ops=loop_spill_ops)), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,16 +27,26 @@ def test_every_kernel_compiles(reports):
                      "barrier_loop_kernel"}
 
 
-# Spills ptxas reports today, accepted with a reason; any other spill, or a larger one, fails.
-# bf16 large-H backward at BH = 2048 when H is not a multiple of 16 (1030 ≤ H ≤ 2047, say): the loads
-# of a dz row cannot vectorise, so each thread holds 64 element addresses against the 128-register cap
-# of 16 warps. Accepted for K_SPLIT's 8× shorter mma chain; H a multiple of 16 does not spill.
-KNOWN_SPILLS = {("elman_persistent_large_bwd_kernel", "bf16", 2048, False): 40}
+# Local-memory instructions inside a loop that the SASS shows today, accepted with a reason; any
+# other, or more, fails. bf16 large-H backward at BH = 2048 when H is not a multiple of 16 (1030 ≤ H ≤
+# 2047, say): the loads of a dz row cannot vectorise, so each thread holds 64 element addresses
+# against the 128-register cap of 16 warps, and reloads 9 words per step. Accepted for K_SPLIT's 8×
+# shorter mma chain; H a multiple of 16 has none.
+KNOWN_LOOP_SPILLS = {("elman_persistent_large_bwd_kernel", "bf16", 2048, False): 9}
 
 
-def test_no_register_spills(reports):
+def test_no_spill_traffic_in_loops(reports):
+    """Spills that only the prologue touches (the one-time load of a 256×256 W_hh block when H is not
+    a multiple of 16, say) cost once per launch; spill loads or stores inside the time loop cost every
+    step, and must not be there."""
     spilling = [r for r in reports
-                if r["spills"] > KNOWN_SPILLS.get((r["kernel"], r["dtype"], r.get("BH"), r["aligned"]), 0)]
+                if r["loop_spill_ops"] > KNOWN_LOOP_SPILLS.get((r["kernel"], r["dtype"], r.get("BH"), r["aligned"]), 0)]
+    assert not spilling, spilling
+
+
+def test_no_spills_where_loads_vectorise(reports):
+    """With H and B multiples of 16 nothing spills at all, prologue included."""
+    spilling = [r for r in reports if r["aligned"] and r["spills"] > 0]
     assert not spilling, spilling
 
 

@@ -56,6 +56,12 @@ def test_matches_reference_fp32(variant, device, T, B, D, H, nonlinearity, rever
     check_against_reference(problem, nonlinearity, reverse)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_half_precision(variant, device, dtype):
+    """16-bit storage, fp32 state: H = 130 is the small kernel's 256×256 block, or nine column programs."""
+    check_against_reference(make_problem(3, 19, 5, 130, dtype, device))
+
+
 @pytest.mark.parametrize("h0,bias", [(False, True), (True, False)])
 def test_optional_h0_and_bias(variant, device, h0, bias):
     check_against_reference(make_problem(3, 5, 6, 21, torch.float32, device, h0=h0, bias=bias))
@@ -148,6 +154,16 @@ def test_barrier_word_resets_count_and_moves_generation(device):
     value = word.item() & 0xFFFFFFFF
     assert value & mask == 0
     assert value >> shift == (start + 8) & mask
+
+
+def test_small_kernel_at_256_needs_the_shared_memory(monkeypatch):
+    """BH = 256 (16-bit) runs the small kernel only where a program may use 180 KiB of shared memory
+    (Hopper); with an A100's 163 KiB it is the large kernel's, and BH = 128 stays small."""
+    cpu = torch.device("cpu")
+    assert persistent._is_small(200, torch.bfloat16, cpu) and not persistent._is_small(200, torch.float32, cpu)
+    monkeypatch.setattr(persistent, "_shared_bytes", lambda device: 163 * 1024)
+    assert not persistent._is_small(200, torch.bfloat16, cpu) and persistent._is_small(128, torch.float16, cpu)
+    assert persistent.supports(16, 200, torch.bfloat16, cpu)  # still held, by the large kernel
 
 
 def test_unsupported_size_fails_clearly():
