@@ -149,10 +149,10 @@ def _launch_large(kernel, y, n_units, args, strides, meta):
         for u in range(n_units):
             kernel[(n_col, n_tiles)](*args, args[0], T, B, H, u, u + 1, *strides, **meta, USE_BARRIER=False)
         return
-    words = _barrier_words(args[0].device, n_tiles)
+    words = _barrier_words(y.device, n_tiles)
     launch_args = (*args, words, T, B, H, 0, n_units, *strides)
     meta.update(USE_BARRIER=True, launch_cooperative_grid=True)
-    capacity = _coresident_programs(kernel.warmup(*launch_args, **meta, grid=(n_col, 1)), args[0].device,
+    capacity = _coresident_programs(kernel.warmup(*launch_args, **meta, grid=(n_col, 1)), y.device,
                                     meta["num_warps"])
     if n_col > capacity:
         raise RuntimeError(f"persistent kernel for H={H} needs {n_col} co-resident programs but this GPU holds "
@@ -166,7 +166,8 @@ def _coresident_programs(compiled, device, num_warps):
     compiled._init_handles()
     props = _device_properties(device)
     threads = 32 * num_warps
-    per_sm = min(props["max_num_regs"] // max(1, compiled.n_regs * threads),
+    regs = -(-compiled.n_regs // 8) * 8  # registers are allocated 256 per warp, 8 per thread
+    per_sm = min(props["max_num_regs"] // max(1, regs * threads),
                  props["max_shared_mem"] // max(1, compiled.metadata.shared),
                  2048 // threads)
     return per_sm * props["multiprocessor_count"]

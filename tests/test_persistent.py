@@ -4,6 +4,8 @@ On CPU the kernels run through Triton's interpreter. The large-H kernel is force
 setting SMALL_H_MAX to 0, so its column split (several programs over H) and its one-unit-per-launch
 interpreter mode are exercised by CI. GPU-marked tests cover real sizes, the grid barrier and timing.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -164,6 +166,59 @@ def test_small_kernel_at_256_needs_the_shared_memory(monkeypatch):
     monkeypatch.setattr(persistent, "_shared_bytes", lambda device: 163 * 1024)
     assert not persistent._is_small(200, torch.bfloat16, cpu) and persistent._is_small(128, torch.float16, cpu)
     assert persistent.supports(16, 200, torch.bfloat16, cpu)  # still held, by the large kernel
+
+
+class FakeKernel:
+    """Stands in for a compiled large-H kernel: warmup reports n_regs and shared bytes, launches are
+    recorded. Lets CPU tests run the launcher's GPU branch (grid sizing, cooperative launch options)."""
+
+    def __init__(self, n_regs, shared):
+        self.compiled = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared),
+                                        _init_handles=lambda: None)
+        self.launches = []
+
+    def warmup(self, *args, grid, **meta):
+        return self.compiled
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((grid, args, meta))
+
+
+@pytest.fixture
+def gpu_branch(monkeypatch):
+    """The launcher as on a 132-SM Hopper GPU: no interpreter, Triton's device properties, a barrier buffer."""
+    monkeypatch.setattr(persistent, "INTERPRETED", False)
+    monkeypatch.setattr(persistent, "_device_properties",
+                        lambda device: {"max_num_regs": 65536, "max_shared_mem": 232448, "multiprocessor_count": 132})
+    words = torch.zeros(256, dtype=torch.int32)
+    monkeypatch.setattr(persistent, "_barrier_words", lambda device, n_group: words)
+    return words
+
+
+def test_large_launch_is_one_cooperative_grid_sized_by_occupancy(gpu_branch):
+    T, B, H = 1024, 64, 1024  # 64 column programs, 4 batch tiles
+    y = torch.empty(T, B, H, dtype=torch.bfloat16)
+    kernel = FakeKernel(n_regs=75, shared=65536)  # 80 registers × 256 threads: 3 programs per SM
+    persistent._launch_large(kernel, y, n_units=T, args=("xp", "h0", "w", "b", y), strides=(1, 2),
+                             meta=dict(BH=1024))
+    [(grid, args, meta)] = kernel.launches
+    assert grid == (64, 4)  # capacity 3 × 132 = 396 programs: every batch tile its own barrier group
+    assert args == ("xp", "h0", "w", "b", y, gpu_branch, T, B, H, 0, T, 1, 2)
+    assert meta == dict(BH=1024, BN=16, K_SPLIT=8, num_warps=8, USE_BARRIER=True, launch_cooperative_grid=True)
+
+    kernel = FakeKernel(n_regs=128, shared=131072)  # one program per SM: 132 programs, 64 per group
+    persistent._launch_large(kernel, y, n_units=T, args=("xp", "h0", "w", "b", y), strides=(1, 2), meta=dict(BH=1024))
+    assert kernel.launches[0][0] == (64, 2)
+
+
+def test_large_launch_refuses_a_grid_that_cannot_co_reside(gpu_branch, monkeypatch):
+    monkeypatch.setattr(persistent, "_device_properties",
+                        lambda device: {"max_num_regs": 65536, "max_shared_mem": 232448, "multiprocessor_count": 40})
+    kernel = FakeKernel(n_regs=128, shared=131072)  # 40 programs at once, 128 needed
+    y = torch.empty(8, 16, 2048, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="needs 128 co-resident programs but this GPU holds 40"):
+        persistent._launch_large(kernel, y, n_units=8, args=(y,) * 5, strides=(), meta=dict(BH=2048))
+    assert kernel.launches == []
 
 
 def test_unsupported_size_fails_clearly():
