@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One GPU session's work, in calls that each fit a 10-minute device command:
 #
-#   bash benchmarks/gpu_session.sh tests   # the whole test suite, GPU-marked tests included
-#   bash benchmarks/gpu_session.sh bench   # python -m benchmarks --standard (the target grid)
+#   bash benchmarks/gpu_session.sh tests          # the whole test suite, GPU-marked tests included
+#   bash benchmarks/gpu_session.sh bench          # --standard (the target grid), every provider but compile
+#   bash benchmarks/gpu_session.sh bench-compile  # --standard, torch.compile against nn.RNN
+#
+# torch.compile recompiles for every shape (tens of seconds each), so it has a call of its own; the
+# targets need only the first bench run.
 #
 # Logs and results go to $OUT when it is set (the device tool's folder), else benchmarks/results/.
 # The machine has no network: the package is installed from this checkout without build isolation.
@@ -25,10 +29,15 @@ tests)
     $PY -m pytest -q -rs $limit 2>&1 | tee "$dest/pytest.log"
     ;;
 bench)
-    timeout 560 $PY -m benchmarks --standard --out "$dest/standard" 2>&1 | tee "$dest/bench.log"
+    timeout 560 $PY -m benchmarks --standard --out "$dest/standard" \
+        --providers torch_rnn eager stepwise stepwise_graph persistent auto 2>&1 | tee "$dest/bench.log"
+    ;;
+bench-compile)
+    timeout 560 $PY -m benchmarks --standard --out "$dest/standard-compile" \
+        --providers torch_rnn compile 2>&1 | tee "$dest/bench-compile.log"
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_session.sh tests|bench" >&2
+    echo "usage: bash benchmarks/gpu_session.sh tests|bench|bench-compile" >&2
     exit 2
     ;;
 esac
