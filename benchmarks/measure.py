@@ -119,7 +119,7 @@ def machine_figures(device, dtypes, timer):
     t = timer(lambda: dst.copy_(src), ()).median_ms
     copy_gbps = 2 * src.numel() * src.element_size() / (t * 1e-3) / 1e9  # read + write
     del src, dst
-    barrier_us, barrier_note = barrier_latency(device)
+    barrier_us, barrier_by_programs, barrier_note = barrier_latency(device)
     return {
         "matmul_tflops": matmul,
         "matmul_size": n,
@@ -127,21 +127,26 @@ def machine_figures(device, dtypes, timer):
         "copy_gbps": copy_gbps,
         "copy_bytes": 2 * elems * 4,
         "barrier_us": barrier_us,
+        "barrier_us_by_programs": barrier_by_programs,
         "barrier_note": barrier_note,
     }
 
 
+BARRIER_GROUP_SIZES = (16, 64, 128)  # programs per barrier group of the large-H kernel at H = 256, 1024, 2048
+
+
 def barrier_latency(device):
-    """(µs per grid barrier, how it was obtained), or (None, why it is unavailable)."""
+    """(µs per grid barrier across one program per SM, {programs: µs} for the group sizes the large-H
+    kernel uses, how it was obtained), or (None, {}, why it is unavailable)."""
     if device.type != "cuda":
-        return None, "unavailable: the grid barrier needs a GPU"
-    measure = getattr(persistent, "barrier_latency_us", None)
-    if measure is None:
-        return None, "unavailable: elman_triton.persistent.barrier_latency_us does not exist"
+        return None, {}, "unavailable: the grid barrier needs a GPU"
     try:
-        return float(measure(device)), "elman_triton.persistent.barrier_latency_us"
+        full = persistent.barrier_latency_us(device)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        groups = {n: persistent.barrier_latency_us(device, n_programs=n) for n in BARRIER_GROUP_SIZES if n <= sms}
     except Exception as e:
-        return None, f"unavailable: barrier_latency_us raised {type(e).__name__}: {e}"
+        return None, {}, f"unavailable: barrier_latency_us raised {type(e).__name__}: {e}"
+    return float(full), groups, "elman_triton.persistent.barrier_latency_us (one program per SM)"
 
 
 def environment(device):

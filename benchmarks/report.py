@@ -323,7 +323,8 @@ def summary_markdown(metadata, machine, targets, rows):
 def _barrier_text(machine):
     if machine["barrier_us"] is None:
         return machine["barrier_note"]
-    return f"{machine['barrier_us']:.3g} µs ({machine['barrier_note']})"
+    groups = ", ".join(f"{n} programs {us:.3g} µs" for n, us in machine.get("barrier_us_by_programs", {}).items())
+    return f"{machine['barrier_us']:.3g} µs ({machine['barrier_note']})" + (f"; {groups}" if groups else "")
 
 
 def _shape_text(row):

@@ -225,3 +225,9 @@ def test_dispatch_check_finds_the_faster_backend_and_autos_choice():
     text = "\n".join(report.dispatch_markdown(checks))
     assert "auto ran the faster Triton backend in 1 of 2" in text and "persistent ✗" in text
     assert "not checked" in report.dispatch_markdown([])[0]
+
+
+def test_barrier_figures_in_the_summary():
+    machine = {"barrier_us": 0.9, "barrier_note": "measured", "barrier_us_by_programs": {16: 0.5, 128: 0.85}}
+    assert report._barrier_text(machine) == "0.9 µs (measured); 16 programs 0.5 µs, 128 programs 0.85 µs"
+    assert report._barrier_text({"barrier_us": None, "barrier_note": "unavailable: no GPU"}) == "unavailable: no GPU"
