@@ -96,9 +96,11 @@ def local_memory_ops_in_loops(sass):
 
 def configurations():
     """The launch configurations the dispatcher uses, at the sizes that stress registers most."""
-    for dtype in (torch.bfloat16, torch.float32, torch.float64):
-        math = dict(ACT=0, PRECISION="ieee", UPCAST=False)
-        fast = dict(math, FAST_TANH=dtype == torch.bfloat16)
+    half = (torch.bfloat16, torch.float16)
+    for dtype, precision in ((torch.bfloat16, "ieee"), (torch.float16, "ieee"), (torch.float32, "ieee"),
+                             (torch.float32, "tf32"), (torch.float64, "ieee")):
+        math = dict(ACT=0, PRECISION=precision, UPCAST=False)
+        fast = dict(math, FAST_TANH=dtype in half)
         BB, BN, BK = stepwise.block_sizes(64, 1024)
         yield stepwise_kernels.elman_step_fwd_kernel, dtype, stepwise.NUM_WARPS, dict(fast, HAS_BIAS=True, BB=BB, BN=BN, BK=BK)
         yield stepwise_kernels.elman_step_bwd_kernel, dtype, stepwise.NUM_WARPS, dict(math, BB=BB, BN=BN, BK=BK)
@@ -106,7 +108,7 @@ def configurations():
         yield (persistent_small.elman_persistent_small_fwd_kernel, dtype, persistent._num_warps_small(dtype),
                dict(fast, **small, HAS_BIAS=True))
         yield persistent_small.elman_persistent_small_bwd_kernel, dtype, persistent._num_warps_small(dtype), dict(math, **small)
-        largest = {torch.bfloat16: 2048, torch.float32: 1024, torch.float64: 512}[dtype]
+        largest = {torch.bfloat16: 2048, torch.float16: 2048, torch.float32: 1024, torch.float64: 512}[dtype]
         for BH in sorted({256, min(1024, largest), largest}):
             warps = persistent._num_warps_large(BH, dtype)
             large = dict(REVERSE=False, USE_BARRIER=True, BB=persistent.BB, BN=persistent.BN, BH=BH,
@@ -122,7 +124,7 @@ def main():
     for kernel, dtype, num_warps, constexprs in configurations():
         for aligned in (True, False):
             regs, spills, loop_spill_ops = compile_and_count(kernel, dtype, num_warps, aligned, **constexprs)
-            shown = {k: v for k, v in constexprs.items() if k in ("BB", "BN", "BK", "BH", "K_SPLIT")}
+            shown = {k: v for k, v in constexprs.items() if k in ("PRECISION", "BB", "BN", "BK", "BH", "K_SPLIT")}
             print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=TRITON_DTYPE[dtype], num_warps=num_warps,
                                   aligned=aligned, **shown, regs=regs, spills=spills,
                                   loop_spill_ops=loop_spill_ops)), flush=True)
