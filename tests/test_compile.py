@@ -35,7 +35,7 @@ def test_fullgraph_compile_matches_eager(backend, reverse, device):
     eager = values_and_grads(run, problem)
     compiled = values_and_grads(torch.compile(run, fullgraph=True), problem)
     for name, a, b in zip(["y", "h_n", *INPUT_NAMES], compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)  # fp32: compiled GEMMs may sum in another order
 
 
 @pytest.mark.parametrize("allow_rnn", [False, True])
@@ -54,7 +54,7 @@ def test_compiled_module_trains_like_eager(backend, allow_rnn, device):
     with torch._dynamo.config.patch(allow_rnn=allow_rnn):
         compiled = values_and_param_grads(torch.compile(model, fullgraph=allow_rnn))
     for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
