@@ -12,6 +12,13 @@
 # Logs and results go to $OUT when it is set (the device tool's folder), else benchmarks/results/.
 # The machine has no network: the package is installed from this checkout without build isolation.
 set -uo pipefail
+case "${1:-}" in
+tests | tests-gpu | bench | bench-compile) ;;
+*)
+    echo "usage: bash benchmarks/gpu_session.sh tests|tests-gpu|bench|bench-compile" >&2
+    exit 2
+    ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 dest=${OUT:-benchmarks/results}
@@ -22,7 +29,7 @@ $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 { nvidia-smi; $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, \
 '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())"; } >"$dest/environment.txt" 2>&1
 
-case "${1:-}" in
+case "$1" in
 tests | tests-gpu)
     # A hung barrier must not eat the call: every test gets 300 s where pytest-timeout is installed.
     # Four workers where pytest-xdist is (most of the time goes to compiling kernels on the CPU).
@@ -40,9 +47,5 @@ bench)
 bench-compile)
     timeout 560 $PY -m benchmarks --standard --out "$dest/standard-compile" \
         --providers torch_rnn compile 2>&1 | tee "$dest/bench-compile.log"
-    ;;
-*)
-    echo "usage: bash benchmarks/gpu_session.sh tests|tests-gpu|bench|bench-compile" >&2
-    exit 2
     ;;
 esac
