@@ -18,27 +18,28 @@ import triton.language as tl
 
 GENERATION_SHIFT = tl.constexpr(16)
 GENERATION_ONE = tl.constexpr(1 << 16)  # one generation step in the word
-COUNT_MASK = tl.constexpr(0xFFFF)
+FIELD_MASK = tl.constexpr(0xFFFF)  # each field, count and generation, is 16 bits
 
 
 @triton.jit
 def read_generation(p_word):
-    """The group's current generation; read once per program, before its first barrier."""
-    return (tl.atomic_add(p_word, 0, sem="acquire") >> GENERATION_SHIFT) & COUNT_MASK
+    """The group's current generation (an acquire read); once per program before its first barrier,
+    and while waiting."""
+    return (tl.atomic_add(p_word, 0, sem="acquire") >> GENERATION_SHIFT) & FIELD_MASK
 
 
 @triton.jit
 def group_barrier(p_word, n_programs, generation):
     """Wait until all n_programs of the group have arrived; returns the next generation."""
     tl.debug_barrier()  # every thread's stores of this step are issued before the arrival
-    arrived = tl.atomic_add(p_word, 1, sem="acq_rel") & COUNT_MASK
+    arrived = tl.atomic_add(p_word, 1, sem="acq_rel") & FIELD_MASK
     if arrived == n_programs - 1:
         tl.atomic_add(p_word, GENERATION_ONE - n_programs, sem="release")
     else:
-        while ((tl.atomic_add(p_word, 0, sem="acquire") >> GENERATION_SHIFT) & COUNT_MASK) == generation:
+        while read_generation(p_word) == generation:
             pass
     tl.debug_barrier()
-    return (generation + 1) & COUNT_MASK
+    return (generation + 1) & FIELD_MASK
 
 
 @triton.jit(do_not_specialize=["n_iters"])

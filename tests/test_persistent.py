@@ -146,7 +146,7 @@ def test_barrier_word_resets_count_and_moves_generation(device):
     """n barriers leave the count at 0 and the generation n further on, across its 16-bit wrap.
     Under the interpreter one program runs (it is every barrier's last arrival); on GPU a
     cooperative grid of one program per SM."""
-    shift, mask = barrier.GENERATION_SHIFT.value, barrier.COUNT_MASK.value
+    shift, mask = barrier.GENERATION_SHIFT.value, barrier.FIELD_MASK.value
     start = 0xFFFE
     word = torch.tensor([(start << shift) - (1 << 32)], dtype=torch.int32, device=device)  # as int32
     n_programs = 1 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
@@ -210,6 +210,12 @@ def test_large_launch_is_one_cooperative_grid_sized_by_occupancy(gpu_branch):
     persistent._launch_large(kernel, y, n_units=T, args=("xp", "h0", "w", "b", y), strides=(1, 2), meta=dict(BH=1024))
     assert kernel.launches[0][0] == (64, 2)
 
+    # 81 registers are allocated as 88: 2 programs per SM, not the 3 that 81 × 256 threads would suggest.
+    y = torch.empty(T, 256, H, dtype=torch.bfloat16)  # 16 batch tiles
+    kernel = FakeKernel(n_regs=81, shared=65536)
+    persistent._launch_large(kernel, y, n_units=T, args=("xp", "h0", "w", "b", y), strides=(1, 2), meta=dict(BH=1024))
+    assert kernel.launches[0][0] == (64, 4)  # 264 co-resident programs, 4 groups of 64
+
 
 def test_large_launch_refuses_a_grid_that_cannot_co_reside(gpu_branch, monkeypatch):
     monkeypatch.setattr(persistent, "_device_properties",
@@ -262,7 +268,7 @@ def test_gpu_repeated_calls_do_not_drift(H):
     torch.cuda.synchronize()
     assert torch.equal(first, again)
     for words in persistent._BARRIER_WORDS.values():
-        assert ((words & barrier.COUNT_MASK.value) == 0).all()
+        assert ((words & barrier.FIELD_MASK.value) == 0).all()
 
 
 @pytest.mark.gpu
