@@ -1,4 +1,6 @@
-"""Compile-time options shared by every Triton launcher: activation id, tanh form, dot precision."""
+"""What every Triton launcher shares: compile-time options (activation id, tanh form, dot precision), the
+layout of a layer's sequence buffers, the device guard and the direct launch of a compiled kernel."""
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +49,73 @@ def accumulator_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_buffer(buf, shape, dtype, name):
-    """The launchers index the buffers this package allocates (xp, y, dz) as contiguous tensors."""
-    assert buf.shape == shape and buf.dtype == dtype and buf.is_contiguous(), \
-        f"{name} must be a contiguous {dtype} tensor of shape {tuple(shape)}"
+def padded(H):
+    """H rounded up to a multiple of 16: the row length of the package's own buffers. Triton specialises
+    an integer argument that is a multiple of 16 (divisibility), so with it every row starts 16-element
+    aligned and the kernels load 16-byte vectors for any H, not one element at a time."""
+    return -(-H // 16) * 16
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A layer's sequence buffers (Xp / y and dz): element (t, b, d, h) of direction d sits at
+    t·stride_t + b·stride_b + d·Hp + h. Time-major buffers are (T, B, dirs·Hp), batch-first ones
+    (B, T, dirs·Hp); Hp = padded(H). `reverse` is the single direction's time order (bidirectional
+    layers: direction 0 forward, 1 reverse)."""
+    T: int
+    B: int
+    H: int
+    dirs: int
+    stride_t: int
+    stride_b: int
+    batch_first: bool
+    reverse: bool
+
+    @property
+    def Hp(self):
+        return padded(self.H)
+
+    @staticmethod
+    def of(buf, H, dirs, batch_first, reverse):
+        T, B = (buf.shape[1], buf.shape[0]) if batch_first else buf.shape[:2]
+        assert buf.shape[2] == dirs * padded(H) and buf.stride(2) == 1, "a sequence buffer is (·, ·, dirs·Hp), rows contiguous"
+        stride_t, stride_b = (buf.stride(1), buf.stride(0)) if batch_first else (buf.stride(0), buf.stride(1))
+        return Layout(T, B, H, dirs, stride_t, stride_b, batch_first, reverse)
+
+    def check(self, buf, name):
+        """The launchers index the buffers this package allocates through this layout."""
+        ok = buf.stride(2) == 1 and buf.shape[2] == self.dirs * self.Hp and buf.numel() == self.T * self.B * buf.shape[2]
+        assert ok, f"{name} does not have the layer's buffer layout {self}"
+
+    @property
+    def seq_strides(self):
+        """(t, b, direction) strides of the sequence buffers."""
+        return (self.stride_t, self.stride_b, self.Hp)
+
+    def dy_strides(self, dy):
+        """(t, b, direction, h) strides of a gradient of y: y's shape, any strides."""
+        t_dim, b_dim = (1, 0) if self.batch_first else (0, 1)
+        return (dy.stride(t_dim), dy.stride(b_dim), self.Hp * dy.stride(2), dy.stride(2))
+
+
+def on_device(tensor):
+    """Launch on the tensor's device, not the current one (multi-GPU); nothing to do on CPU."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
+
+
+def direct_launcher(kernel, grid, args, meta):
+    """launch(*args) for kernel[grid] with these argument kinds and meta-parameters, with Triton's
+    per-call binding done once: on GPU the kernel is compiled (or found in Triton's cache) by warmup,
+    and every later launch calls the compiled kernel with the full argument list, skipping the
+    specialisation and cache look-up that kernel[grid](...) repeats per call (most of the stepwise
+    launcher's host time per step). Only arguments that the kernel does not specialise on (listed
+    in its do_not_specialize, such as the step index) may differ between calls. Under the
+    interpreter it is kernel[grid] itself."""
+    if INTERPRETED:
+        launch = kernel[grid]
+        return lambda *call_args: launch(*call_args, **meta)
+    compiled = kernel.warmup(*args, grid=grid, **meta)
+    names = kernel.arg_names
+    constexprs = [meta[name] for name in names[len(args):]]
+    runner = compiled[grid]
+    return lambda *call_args: runner(*call_args, *constexprs)

@@ -1,13 +1,17 @@
-"""Host side of the stepwise backend: one fused Triton launch per time step (kernels/stepwise.py).
+"""Host side of the stepwise backend: one fused Triton launch per time step (kernels/stepwise.py), both
+directions of a layer in each launch (the grid's third axis).
 
 Both functions fill caller-allocated outputs, so nothing is written that the caller cannot see (the
-tests poison those buffers with NaN first). Every user tensor is read through its strides; the only
-tensors assumed contiguous are the ones this package allocates (xp, y, dz and the dh buffers).
+tests poison those buffers with NaN first). User tensors (h0, W_hh, dy, dh_n) are read through their
+strides; the sequence buffers this package allocates are indexed through their Layout.
+
+Host cost per step: the arguments are bound once per call (config.direct_launcher) and every step
+passes the same tuple with only the step index changed; benchmarks/host_overhead.py measures it.
 """
 import torch
 import triton
 
-from elman_triton.config import INTERPRETED, accumulator_dtype, check_buffer
+from elman_triton.config import INTERPRETED, accumulator_dtype, direct_launcher, on_device
 from elman_triton.kernels.stepwise import elman_step_bwd_kernel, elman_step_fwd_kernel
 
 NUM_WARPS = 8  # 4 spills at BB=64 (ptxas, sm_90a; tests/test_compile_sm90.py)
@@ -28,53 +32,46 @@ def block_sizes(B, H):
     return BB, BN, BK
 
 
-def forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse=False):
-    """y[t] = act(h_prev W_hhᵀ + xp[t] + bias) for every t, in time order (reversed if reverse).
-
-    xp, y: (T, B, H) contiguous; h0: (B, H), any strides; bias: (H,) contiguous or None.
-    """
-    T, B, H = y.shape
-    check_buffer(xp, y.shape, y.dtype, "xp")
-    check_buffer(y, y.shape, y.dtype, "y")
-    BB, BN, BK = block_sizes(B, H)
-    grid = (triton.cdiv(B, BB), triton.cdiv(H, BN))
-    h_prev = h0
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        elman_step_fwd_kernel[grid](
-            xp[t], h_prev, weight_hh, bias if bias is not None else xp, y[t],
-            B, H,
-            xp.stride(1), h_prev.stride(0), h_prev.stride(1),
-            weight_hh.stride(0), weight_hh.stride(1), y.stride(1),
-            HAS_BIAS=bias is not None, ACT=opts.ACT, FAST_TANH=opts.FAST_TANH,
-            PRECISION=opts.PRECISION, UPCAST=opts.UPCAST,
-            BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS,
-        )
-        h_prev = y[t]
+def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
+    """y[t] = act(h_{t∓1} W_hhᵀ + xp[t] + bias) for every step of every direction; h_n (dirs, B, H) gets
+    each row's last state. xp, y: sequence buffers (y may be xp); h0: (dirs, B, H); weight_hh:
+    (dirs, H, H); bias: (dirs, H) contiguous or None; lengths: (B,) or None."""
+    lay = layout
+    lay.check(xp, "xp")
+    lay.check(y, "y")
+    BB, BN, BK = block_sizes(lay.B, lay.H)
+    grid = (triton.cdiv(lay.B, BB), triton.cdiv(lay.H, BN), lay.dirs)
+    head = (xp, y, h0, weight_hh, bias if bias is not None else xp, h_n, lengths)
+    tail = (lay.T, lay.B, lay.H, *lay.seq_strides, *h0.stride(), *weight_hh.stride())
+    meta = dict(HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT,
+                FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST,
+                BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS)
+    with on_device(y):
+        launch = direct_launcher(elman_step_fwd_kernel, grid, (*head, 0, *tail), meta)
+        for s in range(lay.T):
+            launch(*head, s, *tail)
 
 
-def backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse=False):
-    """BPTT through the recurrence. Fills dz (T, B, H) and returns dh0 in the accumulator dtype.
-
-    dy: (T, B, H) and dh_n: (B, H), any strides (autograd hands over expanded zeros, for example).
-    """
-    T, B, H = y.shape
-    check_buffer(dz, y.shape, y.dtype, "dz")
-    acc_dtype = accumulator_dtype(y.dtype)
-    dh_next = torch.empty(B, H, dtype=acc_dtype, device=y.device)
-    dh_next.copy_(dh_n)
+def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
+    """BPTT through the recurrence. Fills dz (y's layout) and returns ∂L/∂h0 (dirs, B, H) in the
+    accumulator dtype. dy: y's shape, any strides (autograd hands over expanded zeros, for example);
+    dh_n: (dirs, B, H), any strides."""
+    lay = layout
+    lay.check(dz, "dz")
+    dh_next = torch.empty(lay.dirs, lay.B, lay.Hp, dtype=accumulator_dtype(y.dtype), device=y.device)
+    dh_next[..., :lay.H].copy_(dh_n)
     dh = torch.empty_like(dh_next)
-    BB, BN, BK = block_sizes(B, H)
-    grid = (triton.cdiv(B, BB), triton.cdiv(H, BK))
-    for s in range(T):
-        t = s if reverse else T - 1 - s
-        elman_step_bwd_kernel[grid](
-            dy[t], dh_next, y[t], weight_hh, dz[t], dh,
-            B, H,
-            dy.stride(1), dy.stride(2), y.stride(1),
-            weight_hh.stride(0), weight_hh.stride(1), dz.stride(1),
-            ACT=opts.ACT, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST,
-            BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS,
-        )
-        dh_next, dh = dh, dh_next
-    return dh_next
+    BB, BN, BK = block_sizes(lay.B, lay.H)
+    grid = (triton.cdiv(lay.B, BB), triton.cdiv(lay.H, BK), lay.dirs)
+    meta = dict(HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT, PRECISION=opts.PRECISION,
+                UPCAST=opts.UPCAST, BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS)
+
+    # dh_next and dh swap roles every step: the two argument heads are built once.
+    heads = [(dy, src, y, weight_hh, dz, dst, lengths) for src, dst in ((dh_next, dh), (dh, dh_next))]
+    tail = (lay.T, lay.B, lay.H, *lay.dy_strides(dy), *lay.seq_strides, dh.stride(0), dh.stride(1),
+            *weight_hh.stride())
+    with on_device(y):
+        launch = direct_launcher(elman_step_bwd_kernel, grid, (*heads[0], 0, *tail), meta)
+        for s in range(lay.T):
+            launch(*heads[s % 2], s, *tail)
+    return (dh_next if lay.T % 2 == 0 else dh)[..., :lay.H]

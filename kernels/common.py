@@ -72,3 +72,41 @@ def matmul(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def step_time(s, T, rev):
+    """The time index of step s and of the step before it: t = s, t_prev = t − 1 forward; t = T−1−s,
+    t_prev = t + 1 when rev (a runtime bool, per direction)."""
+    t = tl.where(rev, T - 1 - s, s)
+    t_prev = tl.where(rev, t + 1, t - 1)
+    return t, t_prev
+
+
+@triton.jit
+def row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS: tl.constexpr):
+    """Each batch row's own length [BB] (int64): lengths[b] with HAS_LENGTHS, else T. A row's steps
+    t ≥ its length are padding: they neither read nor write its state."""
+    if HAS_LENGTHS:
+        return tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int64)
+    else:
+        return tl.zeros_like(o_b) + T
+
+
+@triton.jit
+def is_last_step(t, rev, len_b):
+    """[BB] whether t is each row's last step: its length − 1 forward, 0 in reverse (each reverse row
+    starts at its own end, len_b − 1, and ends at 0)."""
+    return tl.where(rev, t == 0, t == len_b - 1)
+
+
+@triton.jit
+def load_state(p_h0, p_prev, o_b, o_k, mask, from_h0, stride_h0_b, stride_h0_h, stride_prev_b):
+    """The previous state h_{t∓1} of rows o_b, units o_k ([BB, BK]): h0 where from_h0 [BB] (a row's
+    first step), else the previous step's output p_prev (unit stride along o_k), read past L1 (.cg)
+    because other programs wrote it."""
+    b_h0 = tl.load(p_h0 + o_b[:, None] * stride_h0_b + o_k[None, :] * stride_h0_h,
+                   mask=mask & from_h0[:, None], other=0.0)
+    b_prev = tl.load(p_prev + o_b[:, None] * stride_prev_b + o_k[None, :],
+                     mask=mask & ~from_h0[:, None], other=0.0, cache_modifier=".cg")
+    return tl.where(from_h0[:, None], b_h0, b_prev)
