@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from elman_triton import persistent, stepwise
 from elman_triton.config import INTERPRETED, SUPPORTED_DTYPES, accumulator_dtype, kernel_options
+from elman_triton.diagnostics import check_norms_buffer, state_gradient_norms
 from elman_triton.reference import ACTIVATIONS, elman_rnn_reference
 
 BACKENDS = ("auto", "stepwise", "persistent", "reference")
@@ -25,7 +26,7 @@ TRITON_BACKENDS = {"stepwise": stepwise, "persistent": persistent}
 
 
 def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
-              nonlinearity="tanh", backend="auto", reverse=False):
+              nonlinearity="tanh", backend="auto", reverse=False, state_grad_norms=None):
     """One Elman RNN layer, one direction: h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh).
 
     x: (T, B, D), time-major, T ≥ 1 (B = 0 gives empty outputs, as in nn.RNN). h0: (B, H) or None
@@ -41,15 +42,21 @@ def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
     Under torch.compile the Triton backends run as the custom op torch.ops.elman_triton.elman_rnn
     (opaque to the compiler, no graph break); eagerly, as an autograd.Function, which costs less
     per call.
+
+    state_grad_norms: None, or a float32 (T, B) tensor on x's device that the backward fills with
+    ‖∂L/∂h_t[b, :]‖₂, the total gradient of the state at step t (input order), from the gradients it
+    already computes (one extra GEMM; see elman_triton.diagnostics). With backend="auto" on CPU this
+    runs the reference loop instead of PyTorch's native kernel, which does not expose them.
     """
     _check_inputs(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, backend)
+    check_norms_buffer(state_grad_norms, x)
     if x.shape[1] == 0:  # an empty batch, which nn.RNN accepts: empty outputs, zero weight gradients
         backend = "reference"
     if backend == "auto" and x.device.type != "cuda":
-        backend = "native"
+        backend = "native" if state_grad_norms is None else "reference"
     if backend == "reference":
-        return elman_rnn_reference(x, h0, weight_ih, weight_hh, bias_ih, bias_hh,
-                                   nonlinearity=nonlinearity, reverse=reverse)
+        return elman_rnn_reference(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
+                                   reverse=reverse, state_grad_norms=state_grad_norms)
     if backend == "native":
         return _torch_native(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse)
     if x.device.type == "cpu" and not INTERPRETED:
@@ -57,7 +64,7 @@ def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
                            "TRITON_INTERPRET=1 before importing elman_triton, or use backend='auto'")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend={backend!r} supports {SUPPORTED_DTYPES}, got {x.dtype}")
-    args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend)
+    args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend, state_grad_norms)
     if torch.compiler.is_compiling():
         return torch.ops.elman_triton.elman_rnn(*args)
     return ElmanRNNFunction.apply(*args)
@@ -97,9 +104,10 @@ def _backward_recurrence(dy, dh_n, y, weight_hh, nonlinearity, reverse, backend)
 
 
 def _save(ctx, inputs, y):
-    x, h0, weight_ih, weight_hh, _, _, nonlinearity, reverse, backend = inputs
+    x, h0, weight_ih, weight_hh, _, _, nonlinearity, reverse, backend, state_grad_norms = inputs
     ctx.save_for_backward(x, h0, weight_ih, weight_hh, y)
     ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
+    ctx.state_grad_norms = state_grad_norms  # an output buffer the backward writes, not an input to save
 
 
 def _gradients(ctx, dy, dh_n, backward_recurrence):
@@ -111,12 +119,14 @@ def _gradients(ctx, dy, dh_n, backward_recurrence):
     dy = torch.zeros_like(y) if dy is None else dy
     dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n
     dz, dh0 = backward_recurrence(dy, dh_n, y, weight_hh, ctx.nonlinearity, ctx.reverse, ctx.backend)
+    if ctx.state_grad_norms is not None:
+        state_gradient_norms(dy, dz, dh_n, weight_hh, ctx.reverse, ctx.state_grad_norms)
     dx = torch.matmul(dz, weight_ih) if need[0] else None
     dW_ih = torch.tensordot(dz, x, dims=([0, 1], [0, 1])) if need[2] else None
     dW_hh = _recurrent_weight_grad(dz, y, h0, ctx.reverse) if need[3] else None
     db = dz.sum((0, 1)) if need[4] or need[5] else None
     return (dx, dh0.to(x.dtype) if need[1] else None, dW_ih, dW_hh,
-            db if need[4] else None, db if need[5] else None, None, None, None)
+            db if need[4] else None, db if need[5] else None, None, None, None, None)
 
 
 class ElmanRNNFunction(torch.autograd.Function):
@@ -124,7 +134,7 @@ class ElmanRNNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        y, h_n = _forward(*inputs)
+        y, h_n = _forward(*inputs[:-1])  # all but state_grad_norms, which only the backward writes
         _save(ctx, inputs, y)
         return y, h_n
 
@@ -139,12 +149,12 @@ class ElmanRNNFunction(torch.autograd.Function):
 @torch.library.custom_op("elman_triton::elman_rnn", mutates_args=())
 def _elman_rnn_op(x: torch.Tensor, h0: torch.Tensor | None, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
                   bias_ih: torch.Tensor | None, bias_hh: torch.Tensor | None, nonlinearity: str, reverse: bool,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                  backend: str, state_grad_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend)
 
 
 @_elman_rnn_op.register_fake
-def _(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend):
+def _(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend, state_grad_norms=None):
     T, B, _ = x.shape
     H = weight_hh.shape[0]
     return x.new_empty(T, B, H), x.new_empty(B, H)

@@ -11,11 +11,14 @@ ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu}
 
 
 def elman_rnn_reference(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
-                        nonlinearity="tanh", reverse=False):
+                        nonlinearity="tanh", reverse=False, state_grad_norms=None):
     """One layer, one direction. x: (T, B, D); h0: (B, H) or None. Returns y (T, B, H), h_n (B, H).
 
     With reverse=True the recurrence runs from t = T-1 down to 0, and y[t] is still the state after
     reading x[t] (torch.nn.RNN's backward direction).
+
+    state_grad_norms: None, or a float32 (T, B) tensor that the backward fills with ‖∂L/∂h_t[b, :]‖₂.
+    A hook on each step's state sees its total gradient (every path: later steps, y, h_n).
     """
     act = ACTIVATIONS[nonlinearity]
     T, B, _ = x.shape
@@ -29,5 +32,13 @@ def elman_rnn_reference(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None,
         if bias_hh is not None:
             z = z + bias_hh
         h = act(z)
+        if state_grad_norms is not None and h.requires_grad:
+            h.register_hook(_norm_writer(state_grad_norms, t))
         ys[t] = h
     return torch.stack(ys), h
+
+
+def _norm_writer(out, t):
+    def write(grad):
+        out[t] = torch.linalg.vector_norm(grad, dim=1)
+    return write
