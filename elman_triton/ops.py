@@ -1,23 +1,40 @@
-"""elman_rnn: the public op, its input checks, backend dispatch and the autograd Function.
+"""elman_rnn / elman_rnn_layer: the public ops, their input checks, backend dispatch and autograd.
 
-The Triton backends share everything except the recurrence itself:
+One layer, one or both directions (a bidirectional layer is one launch forward and one backward, the
+direction a grid axis). The Triton backends share everything except the recurrence itself:
 
-    forward:  xp = x W_ihᵀ (one GEMM over all T·B rows), then the recurrence kernels fill y.
-    backward: the recurrence kernels run BPTT in reverse time and write dz_t = ∂L/∂z_t; then
-              dx = dz W_ih, dW_ih = Σ_t dz_tᵀ x_t, dW_hh = Σ_t dz_tᵀ h_{t-1}, db = Σ_t dz_t
-              are big GEMMs/reductions. No atomics anywhere, so gradients are deterministic.
+    forward:  xp = x W_ihᵀ, one GEMM over all T·B rows and both directions, into the layer's sequence
+              buffer; then the recurrence kernels write y over xp in place, each direction into its
+              own half. It is plain torch before the recurrence, so autograd (and torch.compile)
+              handles dx and dW_ih.
+    backward: the recurrence kernels run BPTT in reverse time and write dz_t = ∂L/∂z_t (the gradient
+              of xp); dW_hh = Σ_t dz_tᵀ h_{t∓1} and db = Σ_t dz_t are GEMMs and reductions after
+              the loop. No atomics anywhere, so gradients are deterministic.
 
-Only y (which holds every h_t) is saved for backward; pre-activations are not. The forward writes y
-over xp, so its only (T, B, H) buffer is the output itself.
+The sequence buffer is time-major (T, B, dirs·Hp) or, with batch_first, (B, T, dirs·Hp): x is read and
+y written in the caller's order, without transposed copies. Hp is H rounded up to 16 (config.padded),
+so that every row and direction starts 16-element aligned; for H a multiple of 16 the buffer is the
+returned y itself, otherwise y is one copy of it without the padding columns.
 
-Two entry points share that code: ElmanRNNFunction (an autograd.Function) eagerly, and the custom ops
-torch.ops.elman_triton.elman_rnn / .backward_recurrence under torch.compile.
+Only y (which holds every h_t) is saved for backward; pre-activations are not.
+
+Variable lengths (lengths=(B,) ints): row b's steps t ≥ lengths[b] are padding inside the kernels:
+they read and write no state, y there is 0, h_n is each row's state after its own last step, and a
+reverse row starts at its own end. No gathers, no copies of x or y.
+
+Double backward: when the backward itself is differentiated (create_graph=True), it runs as a
+differentiable PyTorch loop over the saved y instead of the kernels (see _differentiable_backward).
+
+Two entry points share the code: _Recurrence (an autograd.Function) eagerly, and the custom ops
+torch.ops.elman_triton.recurrence / .recurrence_backward under torch.compile.
 """
 import torch
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from elman_triton import persistent, stepwise
-from elman_triton.config import INTERPRETED, SUPPORTED_DTYPES, accumulator_dtype, kernel_options
+from elman_triton.config import (INTERPRETED, SUPPORTED_DTYPES, Layout, accumulator_dtype, kernel_options,
+                                 padded)
 from elman_triton.diagnostics import check_norms_buffer, state_gradient_norms
 from elman_triton.reference import ACTIVATIONS, elman_rnn_reference
 
@@ -25,150 +42,230 @@ BACKENDS = ("auto", "stepwise", "persistent", "reference")
 TRITON_BACKENDS = {"stepwise": stepwise, "persistent": persistent}
 
 
-def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *,
-              nonlinearity="tanh", backend="auto", reverse=False, state_grad_norms=None):
-    """One Elman RNN layer, one direction: h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh).
+def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, nonlinearity="tanh", backend="auto",
+              reverse=False, lengths=None, batch_first=False, state_grad_norms=None):
+    """One Elman RNN layer, one direction: h_t = act(x_t W_ihᵀ + b_ih + h_{t∓1} W_hhᵀ + b_hh).
 
-    x: (T, B, D), time-major, T ≥ 1 (B = 0 gives empty outputs, as in nn.RNN). h0: (B, H) or None
-    for zeros. weight_ih: (H, D), weight_hh: (H, H), bias_ih / bias_hh: (H,) or None (torch.nn.RNN's
-    layout). Returns y (T, B, H) and h_n (B, H).
+    x: (T, B, D), or (B, T, D) with batch_first; T ≥ 1 (B = 0 gives empty outputs, as in nn.RNN).
+    h0: (B, H) or None for zeros. weight_ih: (H, D), weight_hh: (H, H), bias_ih / bias_hh: (H,) or
+    None (torch.nn.RNN's layout). Returns y (T, B, H) ((B, T, H) with batch_first) and h_n (B, H).
 
     backend: "stepwise" (one fused Triton launch per step), "persistent" (one launch for the whole
-    sequence), "reference" (the plain PyTorch loop) or "auto". On CUDA, "auto" picks the faster
-    Triton path (see persistent.supports); on CPU it runs PyTorch's native RNN kernel. The Triton
-    backends take CPU tensors only under TRITON_INTERPRET=1.
+    sequence), "reference" (the plain PyTorch loop) or "auto". On CUDA, "auto" picks the persistent
+    kernels where they hold the shape and the device holds their grid, else stepwise; on CPU it runs
+    PyTorch's native RNN kernel. The Triton backends take CPU tensors only under TRITON_INTERPRET=1.
     reverse=True runs time backwards (torch.nn.RNN's reverse direction); y stays in input order.
 
-    Under torch.compile the Triton backends run as the custom op torch.ops.elman_triton.elman_rnn
-    (opaque to the compiler, no graph break); eagerly, as an autograd.Function, which costs less
-    per call.
+    lengths: None, or a (B,) integer tensor on x's device: row b has lengths[b] valid steps
+    (1 ≤ lengths[b] ≤ T, any order); its later steps neither read nor write state and give y = 0,
+    h_n is its state after its own last step, and in reverse it starts at its own end. Checking the
+    values reads them, so with CUDA lengths that synchronises once per call.
 
     state_grad_norms: None, or a float32 (T, B) tensor on x's device that the backward fills with
     ‖∂L/∂h_t[b, :]‖₂, the total gradient of the state at step t (input order), from the gradients it
     already computes (one extra GEMM; see elman_triton.diagnostics). With backend="auto" on CPU this
     runs the reference loop instead of PyTorch's native kernel, which does not expose them.
     """
-    _check_inputs(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, backend)
-    check_norms_buffer(state_grad_norms, x)
-    if x.shape[1] == 0:  # an empty batch, which nn.RNN accepts: empty outputs, zero weight gradients
+    if weight_hh.dim() != 2:
+        raise ValueError(f"weight_hh must be (H, H), got shape {tuple(weight_hh.shape)}")
+    if h0 is not None and h0.dim() != 2:
+        raise ValueError(f"h0 must have shape (B, H), got {tuple(h0.shape)}")
+    if state_grad_norms is not None:
+        check_norms_buffer(state_grad_norms, x.transpose(0, 1) if batch_first else x)
+        state_grad_norms = state_grad_norms.unsqueeze(0)
+    y, h_n = elman_rnn_layer(x, None if h0 is None else h0.unsqueeze(0), (weight_ih,), (weight_hh,),
+                             None if bias_ih is None else (bias_ih,), None if bias_hh is None else (bias_hh,),
+                             nonlinearity=nonlinearity, backend=backend, reverse=reverse, lengths=lengths,
+                             batch_first=batch_first, state_grad_norms=state_grad_norms)
+    return y, h_n[0]
+
+
+def elman_rnn_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, nonlinearity="tanh",
+                    backend="auto", reverse=False, lengths=None, batch_first=False, state_grad_norms=None):
+    """One Elman RNN layer with one or two directions, run together (one launch per pass).
+
+    weights_ih / weights_hh / biases_*: sequences with one tensor per direction, in torch.nn.RNN's
+    layout ((H, D), (H, H), (H,)); biases_* may be None. With two, direction 0 runs forward and
+    direction 1 in reverse (nn.RNN's bidirectional layer); with one, `reverse` picks its order.
+    h0: (dirs, B, H) or None. Returns y (T, B, dirs·H) ((B, T, dirs·H) with batch_first), each
+    direction's outputs in its half as nn.RNN lays them out, and h_n (dirs, B, H).
+    state_grad_norms: None or float32 (dirs, T, B). Everything else as elman_rnn.
+    """
+    dirs = len(weights_hh)
+    T, B = _check_inputs(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, backend, batch_first)
+    H = weights_hh[0].shape[0]
+    if lengths is not None:
+        check_lengths(lengths, T, B, x.device)
+    if state_grad_norms is not None and tuple(state_grad_norms.shape) != (dirs, T, B):
+        raise ValueError(f"state_grad_norms must have shape (dirs, T, B) = {(dirs, T, B)}, "
+                         f"got {tuple(state_grad_norms.shape)}")
+    if B == 0:  # an empty batch, which nn.RNN accepts: empty outputs, zero weight gradients
         backend = "reference"
     if backend == "auto" and x.device.type != "cuda":
-        backend = "native" if state_grad_norms is None else "reference"
+        backend = "native" if state_grad_norms is None and not (reverse and lengths is not None) else "reference"
     if backend == "reference":
-        return elman_rnn_reference(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity=nonlinearity,
-                                   reverse=reverse, state_grad_norms=state_grad_norms)
+        return _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
+                                batch_first, state_grad_norms)
     if backend == "native":
-        return _torch_native(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse)
+        return _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
+                             batch_first)
     if x.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(f"backend={backend!r} runs Triton kernels, which need CUDA tensors; on CPU set "
                            "TRITON_INTERPRET=1 before importing elman_triton, or use backend='auto'")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"backend={backend!r} supports {SUPPORTED_DTYPES}, got {x.dtype}")
-    args = (x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend, state_grad_norms)
+
+    # Plain, differentiable torch around the recurrence: stack the directions' weights (a copy of two
+    # (H, H) and (H, D) matrices for a bidirectional layer; a view for one direction), add the biases
+    # in the accumulator dtype, pad W_ih's rows to Hp with zeros, and project x for every step and
+    # direction in one GEMM.
+    Hp = padded(H)
+    w_hh = _stack(weights_hh)
+    w_ih = _stack(weights_ih)
+    if Hp != H:
+        w_ih = F.pad(w_ih, (0, 0, 0, Hp - H))
+    xp = torch.matmul(x, w_ih.reshape(dirs * Hp, -1).T)  # the sequence buffer: (T, B, dirs·Hp) or (B, T, ·)
+    bias = _combined_bias(biases_ih, biases_hh, dirs, H, x)
+    if h0 is None:
+        h0 = x.new_zeros(dirs, B, H)
+    args = (xp, h0, w_hh, bias, lengths, state_grad_norms, nonlinearity, reverse, batch_first, backend)
     if torch.compiler.is_compiling():
-        return torch.ops.elman_triton.elman_rnn(*args)
-    return ElmanRNNFunction.apply(*args)
+        y, h_n = torch.ops.elman_triton.recurrence(*args)
+    else:
+        y, h_n = _Recurrence.apply(*args)
+    if Hp != H:  # drop the padding columns: nn.RNN's contiguous (·, ·, dirs·H) output, one copy
+        y = y.unflatten(2, (dirs, Hp))[..., :H].flatten(2)
+    return y, h_n
 
 
-def _recurrence(backend, B, H, dtype, device):
-    """The launcher module for a Triton backend; "auto" (CUDA) is persistent where it holds the shape."""
+def check_lengths(lengths, T, B, device):
+    """lengths must be a (B,) integer tensor on x's device with every value in [1, T]. The value check
+    reads the tensor (one synchronisation for CUDA lengths); under torch.compile it is left out."""
+    if not torch.is_tensor(lengths):
+        raise TypeError(f"lengths must be a (B,) integer tensor, got {type(lengths).__name__}")
+    if lengths.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lengths must be int32 or int64, got {lengths.dtype}")
+    if tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
+    if lengths.device != device:
+        raise ValueError(f"lengths is on {lengths.device} but x is on {device}; put them on one device")
+    if B and not torch.compiler.is_compiling():
+        low, high = lengths.min().item(), lengths.max().item()
+        if low < 1 or high > T:
+            raise ValueError(f"every length must be in [1, T] = [1, {T}], got values from {low} to {high}")
+
+
+def _stack(tensors):
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _recurrence(backend, layout, dtype, device, opts):
+    """The launcher module for a Triton backend. "auto" (CUDA) is persistent where its kernels hold the
+    shape and the device holds their grid at once (persistent.fits), else stepwise."""
     if backend == "auto":
-        backend = "persistent" if persistent.supports(B, H, dtype, device) else "stepwise"
+        backend = "persistent" if persistent.fits(layout, dtype, device, opts) else "stepwise"
     elif backend == "persistent":
-        persistent.check_supported(B, H, dtype, device)
+        persistent.check_supported(layout.B, layout.H, dtype, device)
     return TRITON_BACKENDS[backend]
 
 
-def _forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend):
-    """(y, h_n) through the Triton recurrence: xp = x W_ihᵀ as one GEMM, then the kernels write y over
-    xp in place (each xp element is read only by the program that then writes the y element at the
-    same place, before it does), so the forward holds one (T, B, H) buffer, not two."""
-    T, B, _ = x.shape
-    H = weight_hh.shape[0]
-    recurrence = _recurrence(backend, B, H, x.dtype, x.device)
-    if h0 is None:
-        h0 = x.new_zeros(B, H)
-    y = torch.matmul(x, weight_ih.T)  # xp, [T, B, H], one GEMM for all steps; becomes y
-    recurrence.forward_recurrence(y, h0, weight_hh, _combined_bias(bias_ih, bias_hh, H, x), y,
-                                  kernel_options(x.dtype, nonlinearity), reverse)
-    return y, (y[0] if reverse else y[-1]).clone()
+def _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first, backend):
+    """Run the recurrence from xp into y (y may be xp); returns h_n (dirs, B, H)."""
+    dirs, _, H = w_hh.shape
+    lay = Layout.of(xp, H, dirs, batch_first, reverse)
+    opts = kernel_options(xp.dtype, nonlinearity)
+    h_n = xp.new_empty(dirs, lay.B, H)
+    _recurrence(backend, lay, xp.dtype, xp.device, opts).forward_recurrence(
+        xp, y, h0, w_hh, bias, h_n, lengths, opts, lay)
+    return h_n
 
 
-def _backward_recurrence(dy, dh_n, y, weight_hh, nonlinearity, reverse, backend):
-    """(dz, dh0) of the reverse-time loop; dh0 in the accumulator dtype."""
-    T, B, H = y.shape
+def _backward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, backend):
+    """(dz, dh0): dz in y's layout, dh0 (dirs, B, H) in the accumulator dtype."""
+    dirs, _, H = w_hh.shape
+    lay = Layout.of(y, H, dirs, batch_first, reverse)
+    opts = kernel_options(y.dtype, nonlinearity)
     dz = torch.empty_like(y)
-    recurrence = _recurrence(backend, B, H, y.dtype, y.device)
-    dh0 = recurrence.backward_recurrence(dy, dh_n, y, weight_hh, dz, kernel_options(y.dtype, nonlinearity), reverse)
+    dh0 = _recurrence(backend, lay, y.dtype, y.device, opts).backward_recurrence(
+        dy, dh_n, y, w_hh, dz, lengths, opts, lay)
     return dz, dh0
 
 
 def _save(ctx, inputs, y):
-    x, h0, weight_ih, weight_hh, _, _, nonlinearity, reverse, backend, state_grad_norms = inputs
-    ctx.save_for_backward(x, h0, weight_ih, weight_hh, y)
-    ctx.nonlinearity, ctx.reverse, ctx.backend = nonlinearity, reverse, backend
-    ctx.state_grad_norms = state_grad_norms  # an output buffer the backward writes, not an input to save
+    _, h0, w_hh, bias, lengths, norms, nonlinearity, reverse, batch_first, backend = inputs
+    ctx.save_for_backward(h0, w_hh, y, lengths)
+    ctx.has_bias, ctx.norms = bias is not None, norms  # norms: an output buffer the backward writes
+    ctx.nonlinearity, ctx.reverse, ctx.batch_first, ctx.backend = nonlinearity, reverse, batch_first, backend
 
 
-def _gradients(ctx, dy, dh_n, backward_recurrence):
-    """Gradients of every forward input: the reverse loop (backward_recurrence) writes dz_t, then
-    dx = dz W_ih, dW_ih = Σ_t dz_tᵀ x_t, dW_hh = Σ_t dz_tᵀ h_{t-1} and db = Σ_t dz_t are GEMMs and a
-    reduction, in plain torch (so torch.compile sees them)."""
-    x, h0, weight_ih, weight_hh, y = ctx.saved_tensors
-    need = ctx.needs_input_grad
+def _gradients(ctx, dy, dh_n, backward):
+    """Gradients of (xp, h0, w_hh, bias): the reverse loop (backward) writes dz = ∂L/∂xp, then
+    dW_hh = Σ_t dz_tᵀ h_{t∓1} and db = Σ_t dz_t are GEMMs and a reduction, in plain torch (so
+    torch.compile sees them). If the backward is itself being differentiated, it runs as a
+    differentiable loop instead."""
+    h0, w_hh, y, lengths = ctx.saved_tensors
+    dirs, _, H = w_hh.shape
+    lay = Layout.of(y, H, dirs, ctx.batch_first, ctx.reverse)
     dy = torch.zeros_like(y) if dy is None else dy
-    dh_n = torch.zeros_like(y[0]) if dh_n is None else dh_n
-    dz, dh0 = backward_recurrence(dy, dh_n, y, weight_hh, ctx.nonlinearity, ctx.reverse, ctx.backend)
-    if ctx.state_grad_norms is not None:
-        state_gradient_norms(dy, dz, dh_n, weight_hh, ctx.reverse, ctx.state_grad_norms)
-    dx = torch.matmul(dz, weight_ih) if need[0] else None
-    dW_ih = torch.tensordot(dz, x, dims=([0, 1], [0, 1])) if need[2] else None
-    dW_hh = _recurrent_weight_grad(dz, y, h0, ctx.reverse) if need[3] else None
-    db = dz.sum((0, 1)) if need[4] or need[5] else None
-    return (dx, dh0.to(x.dtype) if need[1] else None, dW_ih, dW_hh,
-            db if need[4] else None, db if need[5] else None, None, None, None, None)
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+    if torch.is_grad_enabled():
+        dz, dh0 = _differentiable_backward(dy, dh_n, y, w_hh, lengths, ctx.nonlinearity, lay)
+    else:
+        dz, dh0 = backward(dy, dh_n, y, w_hh, lengths, ctx.nonlinearity, ctx.reverse, ctx.batch_first, ctx.backend)
+    if ctx.norms is not None:
+        for d in range(dirs):
+            state_gradient_norms(_time_major(dy, lay, d), _time_major(dz, lay, d), dh_n[d], w_hh[d],
+                                 _reversed(lay, d), ctx.norms[d], lengths)
+    need = ctx.needs_input_grad
+    dw_hh = torch.stack([_recurrent_weight_grad(dz, y, h0[d], lengths, lay, d) for d in range(dirs)]) if need[2] else None
+    db = (torch.stack([_columns(dz, lay, d).sum(0, dtype=accumulator_dtype(y.dtype)) for d in range(dirs)])
+          if ctx.has_bias and need[3] else None)
+    return dz, dh0.to(y.dtype) if need[1] else None, dw_hh, db, None, None, None, None, None, None
 
 
-class ElmanRNNFunction(torch.autograd.Function):
-    """The eager path: the least Python between the call and the kernels."""
+class _Recurrence(torch.autograd.Function):
+    """The eager path: the recurrence writes y over xp (mark_dirty), the least Python between the call
+    and the kernels."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        y, h_n = _forward(*inputs[:-1])  # all but state_grad_norms, which only the backward writes
-        _save(ctx, inputs, y)
-        return y, h_n
+        xp, h0, w_hh, bias, lengths, _, nonlinearity, reverse, batch_first, backend = inputs
+        ctx.mark_dirty(xp)
+        h_n = _forward(xp, xp, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first, backend)
+        _save(ctx, inputs, xp)
+        return xp, h_n
 
     @staticmethod
-    @once_differentiable  # the kernels are not differentiable themselves: refuse double backward
     def backward(ctx, dy, dh_n):
-        return _gradients(ctx, dy, dh_n, _backward_recurrence)
+        return _gradients(ctx, dy, dh_n, _backward)
 
 
 # The torch.compile path: the same two pieces as custom ops, so the compiler treats the Triton launches
-# as opaque calls with known output shapes and traces the GEMMs around them.
-@torch.library.custom_op("elman_triton::elman_rnn", mutates_args=())
-def _elman_rnn_op(x: torch.Tensor, h0: torch.Tensor | None, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
-                  bias_ih: torch.Tensor | None, bias_hh: torch.Tensor | None, nonlinearity: str, reverse: bool,
-                  backend: str, state_grad_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend)
+# as opaque calls with known output shapes and traces the GEMMs around them. A custom op's output may not
+# alias its input, so here y is a buffer of its own.
+@torch.library.custom_op("elman_triton::recurrence", mutates_args=())
+def _recurrence_op(xp: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor | None,
+                   lengths: torch.Tensor | None, state_grad_norms: torch.Tensor | None, nonlinearity: str,
+                   reverse: bool, batch_first: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.empty_like(xp)
+    return y, _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first, backend)
 
 
-@_elman_rnn_op.register_fake
-def _(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse, backend, state_grad_norms=None):
-    T, B, _ = x.shape
-    H = weight_hh.shape[0]
-    return x.new_empty(T, B, H), x.new_empty(B, H)
+@_recurrence_op.register_fake
+def _(xp, h0, w_hh, bias, lengths, state_grad_norms, nonlinearity, reverse, batch_first, backend):
+    return torch.empty_like(xp), xp.new_empty(h0.shape)
 
 
-@torch.library.custom_op("elman_triton::backward_recurrence", mutates_args=())
-def _backward_recurrence_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, weight_hh: torch.Tensor,
-                            nonlinearity: str, reverse: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward_recurrence(dy, dh_n, y, weight_hh, nonlinearity, reverse, backend)
+@torch.library.custom_op("elman_triton::recurrence_backward", mutates_args=())
+def _recurrence_backward_op(dy: torch.Tensor, dh_n: torch.Tensor, y: torch.Tensor, w_hh: torch.Tensor,
+                            lengths: torch.Tensor | None, nonlinearity: str, reverse: bool, batch_first: bool,
+                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, backend)
 
 
-@_backward_recurrence_op.register_fake
-def _(dy, dh_n, y, weight_hh, nonlinearity, reverse, backend):
-    return torch.empty_like(y), y.new_empty(y.shape[1:], dtype=accumulator_dtype(y.dtype))
+@_recurrence_backward_op.register_fake
+def _(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, backend):
+    return torch.empty_like(y), dh_n.new_empty(dh_n.shape, dtype=accumulator_dtype(y.dtype))
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -176,70 +273,179 @@ def _op_setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, dy, dh_n):
-    return _gradients(ctx, dy, dh_n, torch.ops.elman_triton.backward_recurrence)
+    return _gradients(ctx, dy, dh_n, torch.ops.elman_triton.recurrence_backward)
 
 
-_elman_rnn_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_recurrence_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def _recurrent_weight_grad(dz, y, h0, reverse):
-    """dW_hh = Σ_t dz_tᵀ h_{t-1}, with h_{t-1} = h0 (None: zeros) at the first step, without
-    concatenating h0 onto y."""
-    if reverse:
-        first, rest = dz[-1], torch.tensordot(dz[:-1], y[1:], dims=([0, 1], [0, 1]))
-    else:
-        first, rest = dz[0], torch.tensordot(dz[1:], y[:-1], dims=([0, 1], [0, 1]))
-    return rest if h0 is None else rest + first.T @ h0
+# ------------------------------------------------------------------------- views of the sequence buffers
+
+def _columns(buf, lay, d):
+    """Direction d's (rows, H) block of a sequence buffer, rows in buffer order (a strided view)."""
+    return buf.view(-1, buf.shape[2])[:, d * lay.Hp: d * lay.Hp + lay.H]
 
 
-def _combined_bias(bias_ih, bias_hh, H, x):
-    """b_ih + b_hh in the accumulator dtype, so the 16-bit sum is not rounded twice; None if neither."""
-    if bias_ih is None and bias_hh is None:
-        return None
-    bias = torch.zeros(H, dtype=accumulator_dtype(x.dtype), device=x.device)
-    for b in (bias_ih, bias_hh):
-        if b is not None:
-            bias += b
-    return bias
+def _time_major(buf, lay, d):
+    """Direction d's (T, B, H) view of a sequence buffer (strided: no copy)."""
+    block = buf[..., d * lay.Hp: d * lay.Hp + lay.H]
+    return block.transpose(0, 1) if lay.batch_first else block
 
 
-def _torch_native(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, reverse):
-    """PyTorch's own RNN kernel (what nn.RNN runs): the fast path for CPU tensors."""
-    B, H = x.shape[1], weight_hh.shape[0]
-    has_bias = bias_ih is not None or bias_hh is not None
-    weights = [weight_ih, weight_hh]
-    if has_bias:
-        weights += [b if b is not None else weight_hh.new_zeros(H) for b in (bias_ih, bias_hh)]
-    hx = (x.new_zeros(B, H) if h0 is None else h0).unsqueeze(0)
+def _reversed(lay, d):
+    return (d == 1) != lay.reverse
+
+
+def _first_steps(lengths, lay, d, device):
+    """(B,) the step at which each row of direction d starts (reads h0)."""
+    if not _reversed(lay, d):
+        return torch.zeros(lay.B, dtype=torch.int64, device=device)
+    if lengths is None:
+        return torch.full((lay.B,), lay.T - 1, dtype=torch.int64, device=device)
+    return lengths.long() - 1
+
+
+def _recurrent_weight_grad(dz, y, h0, lengths, lay, d):
+    """dW_hh of direction d = Σ_t dz_tᵀ h_{t∓1}, where a row's first step pairs with h0.
+
+    Time-major buffers: step t∓1 of row b is the row B·(∓1) away in the flat buffer, so the sum over
+    every other step is one GEMM over strided views (no copy); padding steps contribute nothing (dz
+    and y are 0 there, so a reverse row's first step meets the zero y of the padding after it). The
+    first steps are one small gather and a GEMM with h0. Batch-first buffers put a row's steps next to
+    each other, and the tensordot over (B, T − 1) views copies them once.
+    """
+    dz_d, y_d = _time_major(dz, lay, d), _time_major(y, lay, d)
+    later, earlier = (slice(None, -1), slice(1, None)) if _reversed(lay, d) else (slice(1, None), slice(None, -1))
+    grad = torch.tensordot(dz_d[later], y_d[earlier], dims=([0, 1], [0, 1]))
+    first = _first_steps(lengths, lay, d, dz.device)
+    dz_first = dz_d[first, torch.arange(lay.B, device=dz.device)]  # (B, H)
+    return grad + dz_first.T @ h0
+
+
+def _differentiable_backward(dy, dh_n, y, w_hh, lengths, nonlinearity, lay):
+    """(dz, dh0) by a PyTorch loop over the saved y that autograd can differentiate: the double-backward
+    path. dz_t = (dy_t + dh_{t±1}) ⊙ act'(h_t) with act' written through h (tanh' = 1 − h², relu' = [h > 0]),
+    dh_t = dz_t W_hh, padding steps pass dh through. Its gradient reaches y, whose own backward is the
+    kernels'. Cost: T small ops per direction, only when create_graph=True."""
+    dzs, dh0 = [], []
+    steps = torch.arange(lay.T, device=y.device)
+    for d in range(lay.dirs):
+        y_d, dy_d = _time_major(y, lay, d), _time_major(dy, lay, d)
+        active = (steps.unsqueeze(1) < (lay.T if lengths is None else lengths)).unsqueeze(2)  # (T, B, 1)
+        g = dh_n[d].to(accumulator_dtype(y.dtype))
+        dz_d = [None] * lay.T
+        order = range(lay.T) if _reversed(lay, d) else reversed(range(lay.T))
+        for t in order:
+            h = y_d[t].to(g.dtype)
+            grad = 1 - h * h if nonlinearity == "tanh" else (h > 0).to(g.dtype)
+            dz = torch.where(active[t], (dy_d[t].to(g.dtype) + g) * grad, 0.0)
+            g = torch.where(active[t], dz.to(y.dtype).to(g.dtype) @ w_hh[d].to(g.dtype), g)
+            dz_d[t] = dz.to(y.dtype)
+        dzs.append(F.pad(torch.stack(dz_d), (0, lay.Hp - lay.H)))
+        dh0.append(g)
+    dz = torch.cat(dzs, dim=2)
+    return (dz.transpose(0, 1) if lay.batch_first else dz), torch.stack(dh0)
+
+
+# ------------------------------------------------------------------------------- non-Triton backends
+
+def _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
+                     batch_first, state_grad_norms):
+    """The plain PyTorch loop, one direction after the other."""
+    x = x.transpose(0, 1) if batch_first else x
+    ys, h_n = [], []
+    for d in range(len(weights_hh)):
+        y, h = elman_rnn_reference(x, None if h0 is None else h0[d], weights_ih[d], weights_hh[d],
+                                   None if biases_ih is None else biases_ih[d],
+                                   None if biases_hh is None else biases_hh[d], nonlinearity=nonlinearity,
+                                   reverse=(d == 1) != reverse, lengths=lengths,
+                                   state_grad_norms=None if state_grad_norms is None else state_grad_norms[d])
+        ys.append(y)
+        h_n.append(h)
+    y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
+    return (y.transpose(0, 1) if batch_first else y), torch.stack(h_n)
+
+
+def _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
+                  batch_first):
+    """PyTorch's own RNN kernel (what nn.RNN runs): the fast path for CPU tensors. Variable lengths run
+    through its packed-sequence form (a pack and an unpack of x and y, as nn.RNN)."""
+    dirs, H = len(weights_hh), weights_hh[0].shape[0]
+    B = x.shape[0] if batch_first else x.shape[1]
+    has_bias = biases_ih is not None or biases_hh is not None
+    params = []
+    for d in range(dirs):
+        params += [weights_ih[d], weights_hh[d]]
+        if has_bias:
+            params += [b[d] if b is not None else weights_hh[d].new_zeros(H) for b in (biases_ih, biases_hh)]
+    hx = x.new_zeros(dirs, B, H) if h0 is None else h0
     run = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
-    # Positional: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-    y, h_n = run(x.flip(0) if reverse else x, hx, weights, has_bias, 1, 0.0, False, False, False)
-    return (y.flip(0) if reverse else y), h_n[0]
+    time_dim = 1 if batch_first else 0
+    if lengths is None:
+        x_in = x.flip(time_dim) if reverse else x
+        # Positional: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        y, h_n = run(x_in, hx, params, has_bias, 1, 0.0, False, dirs == 2, batch_first)
+        return (y.flip(time_dim) if reverse else y), h_n
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
+    # Packed: (data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)
+    data, h_n = run(packed.data, packed.batch_sizes, hx.index_select(1, packed.sorted_indices), params, has_bias,
+                    1, 0.0, False, dirs == 2)
+    y, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                                              packed.unsorted_indices),
+                               batch_first=batch_first, total_length=x.shape[time_dim])
+    return y, h_n.index_select(1, packed.unsorted_indices)
 
 
-def _check_inputs(x, h0, weight_ih, weight_hh, bias_ih, bias_hh, nonlinearity, backend):
+def _combined_bias(biases_ih, biases_hh, dirs, H, x):
+    """(dirs, H) b_ih + b_hh in the accumulator dtype, so the 16-bit sum is not rounded twice; None if
+    neither. Differentiable: autograd hands each bias its gradient."""
+    if biases_ih is None and biases_hh is None:
+        return None
+    acc = accumulator_dtype(x.dtype)
+    total = 0
+    for biases in (biases_ih, biases_hh):
+        if biases is not None:
+            total = total + _stack(biases).to(acc)
+    return total
+
+
+def _check_inputs(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, backend, batch_first):
+    """Shapes, dtypes and devices of a layer's inputs; returns (T, B)."""
     if nonlinearity not in ACTIVATIONS:
         raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {tuple(ACTIVATIONS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if x.dim() != 3:
-        raise ValueError(f"x must be 3-D (T, B, D), got shape {tuple(x.shape)}")
-    T, B, D = x.shape
+        raise ValueError(f"x must be 3-D ({'B, T' if batch_first else 'T, B'}, D), got shape {tuple(x.shape)}")
+    T, B, D = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
     if T == 0:
         raise ValueError(f"x must have T ≥ 1, got shape {tuple(x.shape)}")
-    if weight_hh.dim() != 2 or weight_hh.shape[0] != weight_hh.shape[1]:
-        raise ValueError(f"weight_hh must be (H, H), got shape {tuple(weight_hh.shape)}")
-    H = weight_hh.shape[0]
-    if tuple(weight_ih.shape) != (H, D):
-        raise ValueError(f"weight_ih must be (H, D) = ({H}, {D}), got shape {tuple(weight_ih.shape)}")
-    named = {"x": x, "weight_ih": weight_ih, "weight_hh": weight_hh}
-    for name, t, shape in (("h0", h0, (B, H)), ("bias_ih", bias_ih, (H,)), ("bias_hh", bias_hh, (H,))):
-        if t is not None:
+    dirs = len(weights_hh)
+    if dirs not in (1, 2) or len(weights_ih) != dirs:
+        raise ValueError(f"expected one or two directions' weights, got {len(weights_ih)} weight_ih and {dirs} weight_hh")
+    w = weights_hh[0]
+    if w.dim() != 2 or w.shape[0] != w.shape[1]:
+        raise ValueError(f"weight_hh must be (H, H), got shape {tuple(w.shape)}")
+    H = w.shape[0]
+    named = {"x": x}
+    for d in range(dirs):
+        suffix = "" if dirs == 1 else f" (direction {d})"
+        expected = {"weight_ih": (weights_ih[d], (H, D)), "weight_hh": (weights_hh[d], (H, H))}
+        for name, biases in (("bias_ih", biases_ih), ("bias_hh", biases_hh)):
+            if biases is not None:
+                expected[name] = (biases[d], (H,))
+        for name, (t, shape) in expected.items():
             if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
-            named[name] = t
+                raise ValueError(f"{name}{suffix} must have shape {shape}, got {tuple(t.shape)}")
+            named[name + suffix] = t
+    if h0 is not None:
+        if tuple(h0.shape) != (dirs, B, H):
+            raise ValueError(f"h0 must have shape {(B, H) if dirs == 1 else (dirs, B, H)}, "
+                             f"got {tuple(h0.shape[1:] if dirs == 1 and h0.dim() == 3 else h0.shape)}")
+        named["h0"] = h0
     for name, t in named.items():
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
+    return T, B
