@@ -134,7 +134,7 @@ def elman_rnn_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=Non
     else:
         y, h_n = _Recurrence.apply(*args)
     if Hp != H:  # drop the padding columns: nn.RNN's contiguous (·, ·, dirs·H) output, one copy
-        y = y.unflatten(2, (dirs, Hp))[..., :H].flatten(2)
+        y = y.unflatten(2, (dirs, Hp))[..., :H].contiguous().flatten(2)
     return y, h_n
 
 
@@ -188,7 +188,7 @@ def _backward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, ba
     dz = torch.empty_like(y)
     dh0 = _recurrence(backend, lay, y.dtype, y.device, opts).backward_recurrence(
         dy, dh_n, y, w_hh, dz, lengths, opts, lay)
-    return dz, dh0
+    return dz, dh0.contiguous()  # the launchers may leave it in their padded carry: a (dirs, B, H) copy
 
 
 def _save(ctx, inputs, y):
@@ -430,14 +430,16 @@ def _check_inputs(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinear
     named = {"x": x}
     for d in range(dirs):
         suffix = "" if dirs == 1 else f" (direction {d})"
-        expected = {"weight_ih": (weights_ih[d], (H, D)), "weight_hh": (weights_hh[d], (H, H))}
+        if tuple(weights_ih[d].shape) != (H, D):
+            raise ValueError(f"weight_ih{suffix} must be (H, D) = ({H}, {D}), got shape {tuple(weights_ih[d].shape)}")
+        if tuple(weights_hh[d].shape) != (H, H):
+            raise ValueError(f"weight_hh{suffix} must be (H, H) = ({H}, {H}), got shape {tuple(weights_hh[d].shape)}")
+        named.update({"weight_ih" + suffix: weights_ih[d], "weight_hh" + suffix: weights_hh[d]})
         for name, biases in (("bias_ih", biases_ih), ("bias_hh", biases_hh)):
             if biases is not None:
-                expected[name] = (biases[d], (H,))
-        for name, (t, shape) in expected.items():
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name}{suffix} must have shape {shape}, got {tuple(t.shape)}")
-            named[name + suffix] = t
+                if tuple(biases[d].shape) != (H,):
+                    raise ValueError(f"{name}{suffix} must have shape {(H,)}, got {tuple(biases[d].shape)}")
+                named[name + suffix] = biases[d]
     if h0 is not None:
         if tuple(h0.shape) != (dirs, B, H):
             raise ValueError(f"h0 must have shape {(B, H) if dirs == 1 else (dirs, B, H)}, "

@@ -70,7 +70,8 @@ def group_barrier(p_word, p_error, rank, n_programs, phase, patience, FLIP: tl.c
         arrived = tl.atomic_add(p_word, 1, sem="acq_rel") & FIELD_MASK
         waiting = False
         if arrived == n_programs - 1:
-            tl.atomic_add(p_word, GENERATION_ONE - n_programs, sem="release")
+            # As a tensor like `arrived`: Triton 3.9's interpreter refuses a bare constexpr value here.
+            tl.atomic_add(p_word, tl.zeros_like(arrived) + (GENERATION_ONE - n_programs), sem="release")
         else:
             waiting = read_phase(p_word, False) == phase
             polls = 0

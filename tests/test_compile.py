@@ -57,17 +57,26 @@ def test_compiled_module_trains_like_eager(backend, allow_rnn, device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lengths", [None, [2, 1, 2]], ids=["padded", "lengths"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_custom_ops_pass_opcheck(backend, device):
-    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of both ops."""
-    problem = {k: v.detach() for k, v in make_problem(2, 3, 4, 6, device=device).items()}
-    args = (*(problem[name] for name in INPUT_NAMES), "tanh", False, backend)
-    torch.library.opcheck(torch.ops.elman_triton.elman_rnn, [a.requires_grad_() if torch.is_tensor(a) else a
-                                                             for a in args])
-    y, _ = torch.ops.elman_triton.elman_rnn(*args)
-    dy, dh_n = torch.randn_like(y), torch.randn_like(y[0])
-    # The backward op is deliberately not differentiable (no double backward), so opcheck's AOT test,
-    # which differentiates through every op it checks, does not apply to it.
-    torch.library.opcheck(torch.ops.elman_triton.backward_recurrence,
-                          (dy, dh_n, y.detach(), problem["weight_hh"], "tanh", False, backend),
+def test_custom_ops_pass_opcheck(backend, lengths, device):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of both ops, on a layer
+    buffer with padded rows (H = 6 → 16) and both directions."""
+    T, B, D, H = 2, 3, 4, 6
+    x = torch.randn(T, B, D, device=device)
+    w_ih = torch.randn(2, 16, D, device=device) * 0.3
+    w_ih[:, H:] = 0  # the padding rows of W_ih: xp's padding columns are zero, as the op makes them
+    xp = (x @ w_ih.reshape(32, D).T).requires_grad_()
+    h0 = torch.randn(2, B, H, device=device, requires_grad=True)
+    w_hh = (torch.randn(2, H, H, device=device) * 0.3).requires_grad_()
+    bias = torch.randn(2, H, device=device, requires_grad=True)
+    lengths = None if lengths is None else torch.tensor(lengths, device=device)
+    options = ("tanh", False, False, backend)
+    torch.library.opcheck(torch.ops.elman_triton.recurrence, (xp, h0, w_hh, bias, lengths, None, *options))
+    y, _ = torch.ops.elman_triton.recurrence(xp, h0, w_hh, bias, lengths, None, *options)
+    dy, dh_n = torch.randn_like(y), torch.randn_like(h0)
+    # The backward op is not differentiable itself (double backward differentiates a PyTorch loop
+    # instead), so opcheck's AOT test, which differentiates through every op it checks, does not apply.
+    torch.library.opcheck(torch.ops.elman_triton.recurrence_backward,
+                          (dy, dh_n, y.detach(), w_hh.detach(), lengths, *options),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))

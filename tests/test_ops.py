@@ -10,7 +10,7 @@ import torch
 
 from elman_triton import elman_rnn, persistent
 from elman_triton.config import kernel_options
-from oracles import INPUT_NAMES, assert_close, check_against_oracles, random_loss, reference, run_and_grads
+from oracles import INPUT_NAMES, assert_close, check_against_oracles, nn_rnn, random_loss, reference, run_and_grads
 from utils import TOLERANCE, as_float64, leaves, make_problem
 
 TRITON_BACKENDS = ["stepwise", "persistent"]
@@ -136,16 +136,25 @@ def test_backward_is_deterministic(backend, device):
         assert torch.equal(first[key], second[key]), key
 
 
-@pytest.mark.parametrize("backend", TRITON_BACKENDS)
-def test_double_backward_is_refused(backend, device):
-    """The Triton backward is not itself differentiable, so a second derivative must raise rather
-    than silently drop every path through the recurrence kernels."""
-    problem = make_problem(2, 2, 3, 4, device=device)
-    for loss in (random_loss(problem), LOSSES["squares"]):  # dy without and with a graph of its own
-        y, h_n = elman_run(problem, backend)
-        grad_x, = torch.autograd.grad(loss(y, h_n), problem["x"], create_graph=True)
-        with pytest.raises(RuntimeError, match="differentiate twice|does not require grad|not have been used"):
-            torch.autograd.grad(grad_x.square().sum(), problem["weight_ih"])
+@pytest.mark.parametrize("nonlinearity", ACTIVATIONS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_double_backward_matches_nn_rnn(backend, reverse, nonlinearity, device):
+    """Second derivatives (a gradient penalty: ‖∂L/∂inputs‖² differentiated again), in float64, against
+    nn.RNN's CPU double backward and the reference loop, for every input."""
+    problem = make_problem(4, 3, 5, 6, dtype=torch.float64, device=device)
+    loss = random_loss(problem)
+    names = [name for name in INPUT_NAMES if problem[name] is not None]
+
+    def second_order(fn, p):
+        first = torch.autograd.grad(loss(*fn(p)), [p[name] for name in names], create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        return dict(zip(names, torch.autograd.grad(penalty, [p[name] for name in names])))
+
+    got = second_order(lambda p: elman_run(p, backend, nonlinearity=nonlinearity, reverse=reverse), problem)
+    for oracle in (reference, nn_rnn):
+        expected = second_order(lambda p: oracle(p, nonlinearity=nonlinearity, reverse=reverse), as_float64(problem))
+        assert_close(got, expected, 1e-10, f"{backend} vs {oracle.__name__}")
 
 
 def gated_reference(gates):

@@ -4,15 +4,13 @@ On CPU the kernels run through Triton's interpreter. The large-H kernel is force
 setting SMALL_H_MAX to 0, so its column split (several programs over H) and its one-unit-per-launch
 interpreter mode are exercised by CI. GPU-marked tests cover real sizes, the grid barrier and timing.
 """
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from elman_triton import elman_rnn, persistent
 from elman_triton.config import INTERPRETED, kernel_options
-from elman_triton.kernels import barrier
 from elman_triton.reference import elman_rnn_reference
+from test_stepwise import backward, forward
 from utils import TOLERANCE, as_float64, count_launches, leaves, make_problem, rel_err
 
 
@@ -119,19 +117,19 @@ def test_large_kernel_launches(device, monkeypatch, T):
 
 def test_poisoned_outputs_are_all_written(variant, device):
     """y, dz and dh0 come from NaN-filled buffers; every element must be written and correct."""
-    T, B, D, H = 3, 17, 5, 33
+    T, B, D, H = 3, 17, 5, 32
     problem = make_problem(T, B, D, H, torch.float32, device)
     p = {k: v.detach() for k, v in problem.items()}
     opts = kernel_options(torch.float32, "tanh")
     xp = p["x"] @ p["weight_ih"].T
     y = torch.full((T, B, H), float("nan"), device=device)
-    persistent.forward_recurrence(xp, p["h0"], p["weight_hh"], p["bias_ih"] + p["bias_hh"], y, opts)
-    y_ref, _ = elman_rnn_reference(*as_float64(problem).values())
-    assert rel_err(y, y_ref) < 1e-5
+    h_n = forward(persistent, xp, p["h0"], p["weight_hh"], p["bias_ih"] + p["bias_hh"], y, opts, False)
+    y_ref, h_ref = elman_rnn_reference(*as_float64(problem).values())
+    assert rel_err(y, y_ref) < 1e-5 and rel_err(h_n, h_ref) < 1e-5
 
     dy, dh_n = torch.randn_like(y), torch.randn(B, H, device=device)
     dz = torch.full_like(y, float("nan"))
-    dh0 = persistent.backward_recurrence(dy, dh_n, y, p["weight_hh"], dz, opts)
+    dh0 = backward(persistent, dy, dh_n, y, p["weight_hh"], dz, opts, False)
     assert torch.isfinite(dz).all() and torch.isfinite(dh0).all()
     # dz_t and dh0 by hand, from the definitions.
     dh = dh_n.double()
@@ -142,22 +140,6 @@ def test_poisoned_outputs_are_all_written(variant, device):
     assert rel_err(dh0, dh) < 1e-5
 
 
-def test_barrier_word_resets_count_and_moves_generation(device):
-    """n barriers leave the count at 0 and the generation n further on, across its 16-bit wrap.
-    Under the interpreter one program runs (it is every barrier's last arrival); on GPU a
-    cooperative grid of one program per SM."""
-    shift, mask = barrier.GENERATION_SHIFT.value, barrier.FIELD_MASK.value
-    start = 0xFFFE
-    word = torch.tensor([(start << shift) - (1 << 32)], dtype=torch.int32, device=device)  # as int32
-    n_programs = 1 if INTERPRETED else torch.cuda.get_device_properties(device).multi_processor_count
-    extra = {} if INTERPRETED else {"launch_cooperative_grid": True}
-    for n_iters in (5, 0, 3):
-        barrier.barrier_loop_kernel[(n_programs,)](word, n_iters, **extra)
-    value = word.item() & 0xFFFFFFFF
-    assert value & mask == 0
-    assert value >> shift == (start + 8) & mask
-
-
 def test_small_kernel_at_256_needs_the_shared_memory(monkeypatch):
     """BH = 256 (16-bit) runs the small kernel only where a program may use 180 KiB of shared memory
     (Hopper); with an A100's 163 KiB it is the large kernel's, and BH = 128 stays small."""
@@ -166,65 +148,6 @@ def test_small_kernel_at_256_needs_the_shared_memory(monkeypatch):
     monkeypatch.setattr(persistent, "_shared_bytes", lambda device: 163 * 1024)
     assert not persistent._is_small(200, torch.bfloat16, cpu) and persistent._is_small(128, torch.float16, cpu)
     assert persistent.supports(16, 200, torch.bfloat16, cpu)  # still held, by the large kernel
-
-
-class FakeKernel:
-    """Stands in for a compiled large-H kernel: warmup reports n_regs and shared bytes, launches are
-    recorded. Lets CPU tests run the launcher's GPU branch (grid sizing, cooperative launch options)."""
-
-    def __init__(self, n_regs, shared):
-        self.compiled = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared),
-                                        _init_handles=lambda: None)
-        self.launches = []
-
-    def warmup(self, *args, grid, **meta):
-        return self.compiled
-
-    def __getitem__(self, grid):
-        return lambda *args, **meta: self.launches.append((grid, args, meta))
-
-
-@pytest.fixture
-def gpu_branch(monkeypatch):
-    """The launcher as on a 132-SM Hopper GPU: no interpreter, Triton's device properties, a barrier buffer."""
-    monkeypatch.setattr(persistent, "INTERPRETED", False)
-    monkeypatch.setattr(persistent, "_device_properties",
-                        lambda device: {"max_num_regs": 65536, "max_shared_mem": 232448, "multiprocessor_count": 132})
-    words = torch.zeros(256, dtype=torch.int32)
-    monkeypatch.setattr(persistent, "_barrier_words", lambda device, n_group: words)
-    return words
-
-
-def test_large_launch_is_one_cooperative_grid_sized_by_occupancy(gpu_branch):
-    T, B, H = 1024, 64, 1024  # 64 column programs, 4 batch tiles
-    y = torch.empty(T, B, H, dtype=torch.bfloat16)
-    kernel = FakeKernel(n_regs=75, shared=65536)  # 80 registers × 256 threads: 3 programs per SM
-    persistent._launch_large(kernel, y, n_units=T, args=("xp", "h0", "w", "b", y), strides=(1, 2),
-                             meta=dict(BH=1024))
-    [(grid, args, meta)] = kernel.launches
-    assert grid == (64, 4)  # capacity 3 × 132 = 396 programs: every batch tile its own barrier group
-    assert args == ("xp", "h0", "w", "b", y, gpu_branch, T, B, H, 0, T, 1, 2)
-    assert meta == dict(BH=1024, BN=16, K_SPLIT=8, num_warps=8, USE_BARRIER=True, launch_cooperative_grid=True)
-
-    kernel = FakeKernel(n_regs=128, shared=131072)  # one program per SM: 132 programs, 64 per group
-    persistent._launch_large(kernel, y, n_units=T, args=("xp", "h0", "w", "b", y), strides=(1, 2), meta=dict(BH=1024))
-    assert kernel.launches[0][0] == (64, 2)
-
-    # 81 registers are allocated as 88: 2 programs per SM, not the 3 that 81 × 256 threads would suggest.
-    y = torch.empty(T, 256, H, dtype=torch.bfloat16)  # 16 batch tiles
-    kernel = FakeKernel(n_regs=81, shared=65536)
-    persistent._launch_large(kernel, y, n_units=T, args=("xp", "h0", "w", "b", y), strides=(1, 2), meta=dict(BH=1024))
-    assert kernel.launches[0][0] == (64, 4)  # 264 co-resident programs, 4 groups of 64
-
-
-def test_large_launch_refuses_a_grid_that_cannot_co_reside(gpu_branch, monkeypatch):
-    monkeypatch.setattr(persistent, "_device_properties",
-                        lambda device: {"max_num_regs": 65536, "max_shared_mem": 232448, "multiprocessor_count": 40})
-    kernel = FakeKernel(n_regs=128, shared=131072)  # 40 programs at once, 128 needed
-    y = torch.empty(8, 16, 2048, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="needs 128 co-resident programs but this GPU holds 40"):
-        persistent._launch_large(kernel, y, n_units=8, args=(y,) * 5, strides=(), meta=dict(BH=2048))
-    assert kernel.launches == []
 
 
 def test_unsupported_size_fails_clearly():
@@ -267,21 +190,30 @@ def test_gpu_repeated_calls_do_not_drift(H):
         again = elman_rnn(*problem.values(), backend="persistent")[0]
     torch.cuda.synchronize()
     assert torch.equal(first, again)
-    for words in persistent._BARRIER_WORDS.values():
-        assert ((words & barrier.FIELD_MASK.value) == 0).all()
+    persistent.check_errors(wait=True)
+    for words in persistent._BARRIER_WORDS.values():  # the flip barrier's words: arrivals all settled
+        assert ((words & 0x7FFFFFFF) == 0).all()
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_replay():
-    problem = {k: v.detach() for k, v in make_problem(16, 8, 64, 2048, torch.bfloat16, "cuda").items()}
-    expected = elman_rnn(*problem.values(), backend="persistent")[0]  # also the warm-up
+@pytest.mark.parametrize("H", [64, 2048])
+def test_gpu_cuda_graph_replay(H):
+    """Capture (on torch.cuda.graph's side stream, whose barrier buffer is made during the capture),
+    replay, and replay after new input, while eager calls run between replays."""
+    problem = {k: v.detach() for k, v in make_problem(16, 8, 64, H, torch.bfloat16, "cuda").items()}
+    expected = elman_rnn(*problem.values(), backend="persistent")[0]  # also compiles the kernels
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = elman_rnn(*problem.values(), backend="persistent")[0]
     for _ in range(20):
         graph.replay()
+        elman_rnn(*problem.values(), backend="persistent")  # eager calls share no barrier word with it
     torch.cuda.synchronize()
     assert torch.equal(y, expected)
+    problem["x"].copy_(torch.randn_like(problem["x"]))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, elman_rnn(*problem.values(), backend="persistent")[0])
 
 
 @pytest.mark.gpu
@@ -301,13 +233,14 @@ def test_gpu_fast_tanh_accuracy():
     bias = problem["bias_ih"] + problem["bias_hh"]
     y_ref, _ = elman_rnn_reference(*as_float64(problem).values())
     for fast, bound in ((True, 1e-3), (False, 1e-5)):
-        y = torch.empty_like(xp)
-        persistent.forward_recurrence(xp, problem["h0"], problem["weight_hh"], bias, y,
-                                      kernel_options(torch.float32, "tanh", fast_tanh=fast))
+        y = torch.empty_like(xp)  # H = 256: no padding
+        forward(persistent, xp, problem["h0"], problem["weight_hh"], bias, y,
+                kernel_options(torch.float32, "tanh", fast_tanh=fast), False)
         assert rel_err(y, y_ref) < bound, (fast, rel_err(y, y_ref))
 
 
 @pytest.mark.gpu
-def test_gpu_barrier_latency_is_measured():
-    latency = persistent.barrier_latency_us(iters=2000)
+@pytest.mark.parametrize("scheme", ["flip", "count"])
+def test_gpu_barrier_latency_is_measured(scheme):
+    latency = persistent.barrier_latency_us(iters=2000, scheme=scheme)
     assert 0.0 < latency < 100.0

@@ -1,16 +1,17 @@
 """The recurrence modules behind the Triton backends, called directly, and the stepwise launcher.
 
-forward_recurrence / backward_recurrence fill caller-allocated buffers; these tests hand them
-buffers full of NaN, with NaN slabs on either side, and check that every element inside is written
-with the right value and nothing outside is touched. They run for every Triton backend module
-(stepwise, persistent) with the same contract; "persistent" skips while it is not implemented.
+forward_recurrence / backward_recurrence fill caller-allocated buffers in the layer layout (rows padded
+to Hp = H rounded up to 16); these tests hand them buffers full of NaN, with NaN slabs on either side,
+and check that every element inside is written with the right value (zeros in the padding columns) and
+nothing outside is touched. They run for every Triton backend module (stepwise, persistent) with the
+same contract.
 """
 import pytest
 import torch
 import triton
 
 from elman_triton import elman_rnn_reference, stepwise
-from elman_triton.config import accumulator_dtype, kernel_options
+from elman_triton.config import Layout, accumulator_dtype, kernel_options, padded
 from elman_triton.ops import TRITON_BACKENDS
 from oracles import check_against_oracles
 from utils import TOLERANCE, count_launches, make_problem, rel_err
@@ -19,20 +20,34 @@ NAN = float("nan")
 
 
 def recurrence_module(name, B, H, dtype, device):
-    """The backend's module; skips while it raises NotImplementedError (as the op would)."""
+    """The backend's launcher module, which must hold the shape."""
     module = TRITON_BACKENDS[name]
     if name == "persistent":
-        try:
-            module.check_supported(B, H, dtype, device)
-        except NotImplementedError as error:
-            pytest.skip(f"persistent backend: {error}")
+        module.check_supported(B, H, dtype, device)
     return module
 
 
 def guarded_nan(T, B, H, dtype, device):
-    """(storage, buffer): a contiguous (T, B, H) NaN buffer between two NaN slabs of storage."""
-    storage = torch.full((T + 2, B, H), NAN, dtype=dtype, device=device)
+    """(storage, buffer): a contiguous (T, B, Hp) NaN buffer between two NaN slabs of storage."""
+    storage = torch.full((T + 2, B, padded(H)), NAN, dtype=dtype, device=device)
     return storage, storage[1:-1]
+
+
+def forward(module, xp, h0, weight_hh, bias, y, opts, reverse):
+    """One direction through module.forward_recurrence: xp (T, B, H) is padded into the layout, h0, W_hh and
+    bias get their direction axis. Returns h_n (B, H)."""
+    T, B, H = xp.shape
+    xp = torch.nn.functional.pad(xp, (0, padded(H) - H))
+    h_n = torch.full((1, B, H), NAN, dtype=xp.dtype, device=xp.device)
+    module.forward_recurrence(xp, y, h0[None], weight_hh[None], None if bias is None else bias[None], h_n, None,
+                              opts, Layout.of(y, H, 1, False, reverse))
+    return h_n[0]
+
+
+def backward(module, dy, dh_n, y, weight_hh, dz, opts, reverse):
+    H = weight_hh.shape[0]
+    return module.backward_recurrence(dy, dh_n[None], y, weight_hh[None], dz, None, opts,
+                                      Layout.of(y, H, 1, False, reverse))[0]
 
 
 def assert_guards_untouched(storage, name):
@@ -57,7 +72,7 @@ def reference_recurrence(xp, h0, weight_hh, bias, dy, dh_n, nonlinearity, revers
     y, h_n = elman_rnn_reference(xp, h0, eye, weight_hh.double(), None if bias is None else bias.double(),
                                  nonlinearity=nonlinearity, reverse=reverse)
     dz, dh0 = torch.autograd.grad((y * dy.double()).sum() + (h_n * dh_n.double()).sum(), [xp, h0])
-    return y, dz, dh0
+    return y, h_n, dz, dh0
 
 
 @pytest.mark.parametrize("reverse,has_bias", [(False, True), (True, False)])
@@ -76,23 +91,27 @@ def test_poisoned_buffers_are_fully_written(backend, dtype, nonlinearity, revers
     opts = kernel_options(dtype, nonlinearity)
     tol = TOLERANCE[dtype]
     xp, h0, weight_hh, bias = recurrence_inputs(T, B, D, H, dtype, device, has_bias)
-    dy = torch.randn(H, B, T, dtype=torch.float64, device=device).to(dtype).permute(2, 1, 0)  # any strides
+    Hp = padded(H)
+    dy = torch.randn(Hp, B, T, dtype=torch.float64, device=device).to(dtype).permute(2, 1, 0)  # any strides
     dh_n = torch.randn(H, B, dtype=torch.float64, device=device).to(dtype).T
-    y_ref, dz_ref, dh0_ref = reference_recurrence(xp, h0, weight_hh, bias, dy, dh_n, nonlinearity, reverse)
+    y_ref, h_ref, dz_ref, dh0_ref = reference_recurrence(xp, h0, weight_hh, bias, dy[..., :H], dh_n, nonlinearity,
+                                                         reverse)
 
     y_storage, y = guarded_nan(T, B, H, dtype, device)
-    module.forward_recurrence(xp, h0, weight_hh, bias, y, opts, reverse)
+    h_n = forward(module, xp, h0, weight_hh, bias, y, opts, reverse)
     assert_guards_untouched(y_storage, "y")
     assert torch.isfinite(y).all(), f"{int(y.isnan().sum())} elements of y not written"
-    assert rel_err(y, y_ref) <= tol
+    assert not y[..., H:].any(), "the padding columns must hold zeros"
+    assert rel_err(y[..., :H], y_ref) <= tol and rel_err(h_n, h_ref) <= tol
 
     dz_storage, dz = guarded_nan(T, B, H, dtype, device)
-    dh0 = module.backward_recurrence(dy, dh_n, y, weight_hh, dz, opts, reverse)
+    dh0 = backward(module, dy, dh_n, y, weight_hh, dz, opts, reverse)
     assert_guards_untouched(dz_storage, "dz")
     assert torch.isfinite(dz).all(), f"{int(dz.isnan().sum())} elements of dz not written"
+    assert not dz[..., H:].any(), "the padding columns must hold zeros"
     assert dh0.shape == (B, H) and dh0.dtype == accumulator_dtype(dtype)
     assert torch.isfinite(dh0).all()
-    assert rel_err(dz, dz_ref) <= tol
+    assert rel_err(dz[..., :H], dz_ref) <= tol
     assert rel_err(dh0, dh0_ref) <= tol
 
 
@@ -125,8 +144,8 @@ def test_int64_offsets(backend, shape):
     h0 = torch.empty(B, H, dtype=dtype, device=device).uniform_(-1, 1)
     weight_hh = torch.empty(H, H, dtype=dtype, device=device).uniform_(-scale, scale)
     bias = torch.empty(H, dtype=torch.float32, device=device).uniform_(-scale, scale)
-    y = torch.full_like(xp, NAN)
-    module.forward_recurrence(xp, h0, weight_hh, bias, y, kernel_options(dtype, "tanh"), False)
+    y = torch.full_like(xp, NAN)  # H a multiple of 16: the layout has no padding
+    forward(module, xp, h0, weight_hh, bias, y, kernel_options(dtype, "tanh"), False)
 
     steps, rows = min(T, 2), slice(max(0, B - 512), B)
     start = h0[rows] if steps == T else y[T - steps - 1, rows]
