@@ -9,8 +9,9 @@ import torch
 
 from benchmarks.measure import environment, machine_figures, make_timer
 from benchmarks.providers import DTYPES, MODES, PROVIDERS
-from benchmarks.report import (NO_GPU_NOTE, add_derived, evaluate_targets, provider_geomeans, summary_markdown,
-                               targets_not_evaluated, write_csv, write_json, write_plots)
+from benchmarks.report import (NO_GPU_NOTE, SAME_KERNEL_NOTE, add_derived, evaluate_targets, provider_geomeans,
+                               same_kernel_providers, summary_markdown, targets_not_evaluated, write_csv, write_json,
+                               write_plots)
 from benchmarks.sweep import Config, grid, run_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,6 +125,8 @@ def report_to_stdout(rows, targets, providers, out, plots, device):
     for mode, by_provider in provider_geomeans(rows).items():
         figures = ", ".join(f"{p} {v:.3g}×" for p, v in sorted(by_provider.items()))
         print(f"speedup over nn.RNN, geomean, {mode}: {figures}")
+    for name in same_kernel_providers(rows):
+        print(f"{name}: {SAME_KERNEL_NOTE}")
     if device.type == "cuda":
         for t in targets:
             print(f"[{t['result']}] {t['target']}: {t['measured']} (target {t['threshold']}) {t['detail']}")

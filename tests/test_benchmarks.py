@@ -7,6 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,9 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert row["status"] == "ok", row
         assert 0 < row["q20_ms"] <= row["median_ms"] <= row["q80_ms"]
         assert row["per_step_us"] == pytest.approx(row["median_ms"] * 1e3 / row["T"])
-        assert row["tflops"] > 0 and row["speedup_vs_torch_rnn"] > 0
+        assert row["tflops"] > 0
+        if CUDA or provider != "auto":
+            assert row["speedup_vs_torch_rnn"] > 0
         assert row["err_y"] <= row["tolerance"] and row["err_h_n"] <= row["tolerance"]
         if mode != "forward":
             assert row["err_grad"] <= row["tolerance"]
@@ -68,6 +71,11 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert all(by["stepwise", m]["status"] == "needs_gpu" for m in ("forward", "backward", "fwd_bwd"))
         assert by["auto", "fwd_bwd"]["peak_train_mem_mib"] is None and by["auto", "fwd_bwd"]["peak_mem_note"]
         assert "GPU figures need a GPU" in summary and "GPU figures need a GPU" in proc.stdout
+        # auto on CPU is nn.RNN's own kernel: its ratio to nn.RNN is noise, reported as such, not as a speedup
+        assert by["auto", "forward"]["same_kernel_as_baseline"] is True
+        assert all(by["auto", m]["speedup_vs_torch_rnn"] is None for m in ("forward", "backward", "fwd_bwd"))
+        assert f"auto: {report.SAME_KERNEL_NOTE}" in proc.stdout and f"auto {report.SAME_KERNEL_NOTE}" in summary
+        assert not any(line.startswith("speedup") and "auto" in line for line in proc.stdout.splitlines())
         assert {t["result"] for t in doc["targets"]} == {"NOT MEASURED"}
     else:
         assert by["auto", "fwd_bwd"]["peak_train_mem_mib"] > 0
@@ -231,3 +239,16 @@ def test_barrier_figures_in_the_summary():
     machine = {"barrier_us": 0.9, "barrier_note": "measured", "barrier_us_by_programs": {16: 0.5, 128: 0.85}}
     assert report._barrier_text(machine) == "0.9 µs (measured); 16 programs 0.5 µs, 128 programs 0.85 µs"
     assert report._barrier_text({"barrier_us": None, "barrier_note": "unavailable: no GPU"}) == "unavailable: no GPU"
+
+
+def test_cpu_timer_warms_up_until_stable():
+    """One-off slow calls at the start (first-call dispatch, lazy initialisation) stay out of the
+    samples: a single warm-up call would leave two 40 ms calls among three or more 2 ms ones."""
+    calls = []
+
+    def fn():
+        calls.append(None)
+        time.sleep(0.04 if len(calls) <= 3 else 0.002)
+    timing = make_timer(torch.device("cpu"), rep_ms=50)(fn, ())
+    assert timing.median_ms < 15 and timing.q80_ms < 15
+    assert timing.calls == len(calls) > 3
