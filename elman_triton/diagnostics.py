@@ -60,6 +60,12 @@ def record_state_gradients(module, per_sample=False):
     For ElmanRNN, rec describes the latest forward call inside the context. For ElmanRNNCell each call
     is one step: rec.norms is (1, number of calls), t in call order.
 
+    Under torch.compile: elman_rnn(state_grad_norms=buffer) with a buffer made outside the compiled
+    function works inside one graph (fullgraph=True). A torch.compile'd module inside this context
+    runs its recorded calls eagerly (the compiler cannot return a buffer created inside a graph and
+    written by that graph's backward), so fullgraph=True refuses them with Dynamo's "found no compiled
+    frames" error.
+
     Cost: with backend="auto" on CPU (PyTorch's native kernel, which exposes no per-step gradient)
     the recorded calls run the reference loop instead, which is slower; CUDA and the Triton
     backends run their own kernels. The context replaces module.forward with a recording wrapper and,
@@ -73,7 +79,9 @@ def record_state_gradients(module, per_sample=False):
     if "forward" in vars(module):
         raise RuntimeError("module.forward is already replaced (a record_state_gradients context already open?)")
     rec = StateGradients(module, per_sample)
-    module.forward = rec._recording_forward
+    # Inductor rejects a buffer created inside a graph and written by that graph's backward ("Node ... was
+    # invalid, but is output"), so recorded calls of a torch.compile'd module run eagerly.
+    module.forward = torch.compiler.disable(rec._recording_forward)
     try:
         yield rec
     finally:

@@ -245,3 +245,19 @@ def test_norm_writer_passes_opcheck(device):
             torch.randn(4, 4, device=device), False, torch.zeros(3, 2, device=device), torch.tensor([3, 2], device=device))
     torch.library.opcheck(torch.ops.elman_triton.state_gradient_norms, args,
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_compiled_module_records_eagerly(device):
+    """A torch.compile'd module inside the context runs its recorded calls eagerly: the eager norms."""
+    torch.compiler.reset()
+    rnn = ElmanRNN(3, 5, 2, bidirectional=True, backend="stepwise", device=device)
+    x = torch.randn(4, 2, 3, device=device)
+    with record_state_gradients(rnn) as rec:
+        rnn(x)[0].square().sum().backward()
+    eager = rec.norms.clone()
+    compiled = torch.compile(rnn)
+    compiled(x)  # compiled outside the context first
+    with record_state_gradients(rnn) as rec:
+        compiled(x)[0].square().sum().backward()
+    torch.compiler.reset()
+    assert (eager > 0).all() and torch.equal(rec.norms, eager)
