@@ -8,6 +8,7 @@ from itertools import product
 from typing import Callable
 
 from benchmarks.measure import ROW_METADATA
+from benchmarks.module_rows import MODULE_FIELDS, module_markdown
 from benchmarks.providers import DTYPES, MODES
 
 BASELINE, EAGER, OURS = "torch_rnn", "eager", "auto"
@@ -232,9 +233,10 @@ def _finite(value):
     return value
 
 
-def write_json(path, metadata, machine, targets, rows):
+def write_json(path, metadata, machine, targets, rows, module_rows=()):
     doc = {"metadata": metadata, "machine": machine, "targets": targets,
-           "rows": [{k: _finite(row.get(k)) for k in ROW_FIELDS} for row in rows]}
+           "rows": [{k: _finite(row.get(k)) for k in ROW_FIELDS} for row in rows],
+           "module_rows": [{k: _finite(row.get(k)) for k in MODULE_FIELDS} for row in module_rows]}
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
@@ -267,7 +269,7 @@ def same_kernel_providers(rows):
     return list(dict.fromkeys(r["provider"] for r in rows if r.get("same_kernel_as_baseline")))
 
 
-def summary_markdown(metadata, machine, targets, rows):
+def summary_markdown(metadata, machine, targets, rows, module_rows=()):
     gpu = metadata["gpu"]
     out = [f"# Elman RNN benchmarks: {metadata['device']}, {metadata['date']}", ""]
     dirty = " (uncommitted changes)" if metadata["git_dirty"] else ""
@@ -311,6 +313,7 @@ def summary_markdown(metadata, machine, targets, rows):
         out += [f"- {p} {SAME_KERNEL_NOTE}." for p in same] + [""]
 
     out += ["## auto's choice against the measured crossover", ""] + dispatch_markdown(dispatch_check(rows)) + [""]
+    out += module_markdown(list(module_rows), gpu)
 
     out += ["## Results", "", "Times are medians; per step = median / T; × columns are speedups "
             "(same shape and mode); floor = max(FLOPs / matmul peak, bytes / copy bandwidth, barrier × T).", ""]

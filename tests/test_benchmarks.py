@@ -21,7 +21,7 @@ pytest.importorskip("matplotlib")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not an installed package
 
-from benchmarks import cli, report, sweep  # noqa: E402
+from benchmarks import cli, module_rows, report, sweep  # noqa: E402
 from benchmarks.measure import ROW_METADATA, make_timer, rotation_count  # noqa: E402
 from benchmarks.providers import PROVIDERS, Provider, Shape  # noqa: E402
 from elman_triton import elman_rnn_reference  # noqa: E402
@@ -69,6 +69,7 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
     assert by["persistent", "forward"]["status"] in (("ok", "unsupported") if CUDA else ("needs_gpu",))
 
     summary = (out / "summary.md").read_text()
+    check_module_rows(doc["module_rows"], summary, proc.stdout)
     if not CUDA:
         assert all(by["stepwise", m]["status"] == "needs_gpu" for m in ("forward", "backward", "fwd_bwd"))
         assert by["auto", "fwd_bwd"]["peak_train_mem_mib"] is None and by["auto", "fwd_bwd"]["peak_mem_note"]
@@ -81,6 +82,35 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert {t["result"] for t in doc["targets"]} == {"NOT MEASURED"}
     else:
         assert by["auto", "fwd_bwd"]["peak_train_mem_mib"] > 0
+
+
+def check_module_rows(rows, summary, stdout):
+    """Every case × provider × mode has a row; the providers that run here are within tolerance of
+    nn.RNN in float64 and timed; packed and bidirectional carry their ratio to one direction."""
+    assert len(rows) == len(module_rows.CASES) * len(module_rows.MODULE_PROVIDERS) * 2
+    runs_here = {"torch_rnn", "auto"} | ({"stepwise", "persistent"} if CUDA else set())
+    for r in rows:
+        if r["provider"] not in runs_here:
+            assert r["status"] == "needs_gpu"
+            continue
+        if r["status"] == "unsupported":  # persistent where its grid or H does not fit
+            continue
+        assert r["status"] == "ok", r
+        assert r["err_y"] <= 1e-4 and r["err_h_n"] <= 1e-4 and r["median_ms"] > 0
+        assert (r["over_one_direction"] is not None) == (r["case"] in ("packed", "bidirectional"))
+        if r["provider"] == "auto" and not CUDA:
+            assert r["speedup_vs_torch_rnn"] is None and r["same_kernel_as_baseline"]
+        else:
+            assert r["speedup_vs_torch_rnn"] > 0
+    assert "## Module rows" in summary and "packed ÷ padded, fwd_bwd: torch_rnn" in stdout
+
+
+def test_packed_module_input_has_mixed_lengths():
+    case = next(c for c in module_rows.CASES if c.packed)
+    generator = torch.Generator().manual_seed(0)
+    packed, lengths = module_rows.make_input(case, 64, 32, 3, torch.device("cpu"), torch.float32, generator)
+    assert lengths.max() == 64 and lengths.min() >= 8 and len(set(lengths.tolist())) > 8
+    assert packed.data.shape == (int(lengths.sum()), 3) and packed.unsorted_indices is not None
 
 
 def _fake(name, build, **kwargs):
