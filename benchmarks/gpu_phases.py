@@ -285,7 +285,8 @@ def phase_cudnn(args):
     for dtype in (torch.bfloat16, torch.float16):
         log.add(nn_rnn_backend(device, dtype))
     grid = ["--quick", *DRY_SHAPE] if args.dry_run else CUDNN_GRID
-    log.add(run_benchmarks(args, "cudnn-fp16", grid, ["torch_rnn"], modes=["forward", "fwd_bwd"]))
+    log.add(run_benchmarks(args, "cudnn-fp16", [*grid, "--no-module-rows"], ["torch_rnn"],
+                           modes=["forward", "fwd_bwd"]))
     log.finish()
 
 
