@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from benchmarks.measure import environment, machine_figures, make_timer
+from benchmarks.module_rows import module_lines, module_rows, module_shape
 from benchmarks.providers import DTYPES, MODES, PROVIDERS
-from benchmarks.report import (NO_GPU_NOTE, add_derived, evaluate_targets, provider_geomeans, summary_markdown,
-                               targets_not_evaluated, write_csv, write_json, write_plots)
+from benchmarks.report import (NO_GPU_NOTE, SAME_KERNEL_NOTE, add_derived, evaluate_targets, provider_geomeans,
+                               same_kernel_providers, summary_markdown, targets_not_evaluated, write_csv, write_json,
+                               write_plots)
 from benchmarks.sweep import Config, grid, run_sweep
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,6 +58,9 @@ def parse_args(argv):
     parser.add_argument("--verify-only", action="store_true", help="check every provider, time nothing")
     parser.add_argument("--no-tf32", action="store_true",
                         help="turn TF32 off for cuDNN and matmuls (torch's default: cuDNN on, matmul off)")
+    parser.add_argument("--no-module-rows", dest="module_rows", action="store_false",
+                        help="skip the module-level rows (ElmanRNN against nn.RNN: 2 layers bidirectional "
+                             "batch_first, packed mixed lengths, packed ÷ padded), run at the sweep's largest shape")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.preset = args.preset or "quick"
@@ -102,28 +107,34 @@ def main(argv=None):
     dtypes = {name: DTYPES[name] for name in sorted({s.dtype for s in shapes})}
     machine = machine_figures(device, dtypes, make_timer(device, args.rep_ms))
 
-    def save(rows, targets=()):
+    def save(rows, targets=(), modules=()):
         add_derived(rows, machine)
-        write_json(out / "results.json", metadata, machine, list(targets), rows)
+        write_json(out / "results.json", metadata, machine, list(targets), rows, modules)
         write_csv(out / "results.csv", rows)
 
     metadata["complete"] = False  # until the last shape is done: a run cut short says so
     rows = run_sweep(config, metadata, checkpoint=save)
-    metadata["complete"] = True
     add_derived(rows, machine)
     targets = (evaluate_targets(rows) if device.type == "cuda"
                else targets_not_evaluated("needs a GPU: this run is CPU-only"))
     save(rows, targets)
-    (out / "summary.md").write_text(summary_markdown(metadata, machine, targets, rows) + "\n")
+    modules = []
+    if args.module_rows:
+        modules = module_rows(module_shape(shapes), device, make_timer(device, args.rep_ms), seed=args.seed)
+    metadata["complete"] = True
+    save(rows, targets, modules)
+    (out / "summary.md").write_text(summary_markdown(metadata, machine, targets, rows, modules) + "\n")
     plots = write_plots(out, rows)
-    return report_to_stdout(rows, targets, providers, out, plots, device)
+    return report_to_stdout(rows, targets, providers, out, plots, device, modules)
 
 
-def report_to_stdout(rows, targets, providers, out, plots, device):
+def report_to_stdout(rows, targets, providers, out, plots, device, modules=()):
     """Print the headline figures and the verification outcome; return the exit status."""
     for mode, by_provider in provider_geomeans(rows).items():
         figures = ", ".join(f"{p} {v:.3g}×" for p, v in sorted(by_provider.items()))
         print(f"speedup over nn.RNN, geomean, {mode}: {figures}")
+    for name in same_kernel_providers(rows):
+        print(f"{name}: {SAME_KERNEL_NOTE}")
     if device.type == "cuda":
         for t in targets:
             print(f"[{t['result']}] {t['target']}: {t['measured']} (target {t['threshold']}) {t['detail']}")
@@ -136,8 +147,13 @@ def report_to_stdout(rows, targets, providers, out, plots, device):
               f"H={r['H']} D={r['D']}: {r['reason']}")
     checked = sum(r["status"] in ("ok", "verified", "failed", "error") for r in rows)
     print(f"verification: {checked - len(failed)}/{checked} rows passed")
+    failed_modules = [r for r in modules if r["status"] == "failed"]
+    for line in module_lines(modules, device.type == "cuda"):
+        print(line)
+    for r in failed_modules + [r for r in modules if r["status"] == "error"]:
+        print(f"{r['status'].upper()}: module {r['case']} {r['provider']} {r['mode']}: {r['reason']}")
     print(f"wrote {out}/results.json, results.csv, summary.md, " + ", ".join(p.name for p in plots))
-    gating = [r for r in failed if r["provider"] in ours]
+    gating = [r for r in failed + failed_modules if r["provider"] in ours]
     if gating:
         print(f"FAILED: {len(gating)} rows of this project's providers failed verification", file=sys.stderr)
         return 1

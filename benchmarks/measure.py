@@ -47,18 +47,46 @@ def make_timer(device, rep_ms):
         return timer
 
     def timer(fn, grads):
-        fn()  # warm-up: compilation and allocator growth stay out of the samples
+        warmups = warm_up(fn, grads, budget_s=WARM_UP_BUDGETS * rep_ms / 1e3)
         samples, start = [], time.perf_counter()
         while len(samples) < 3 or (len(samples) < 50 and time.perf_counter() - start < rep_ms / 1e3):
-            for t in grads:
-                t.grad = None
-            t0 = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - t0)
+            samples.append(_timed_call(fn, grads))
         median, q20, q80 = np.quantile(samples, QUANTILES) * 1e3
-        return Timing(float(median), float(q20), float(q80), len(samples) + 1)
-    timer.description = f"time.perf_counter, 1 warm-up call then 3-50 calls within {rep_ms} ms, median and q20/q80"
+        return Timing(float(median), float(q20), float(q80), len(samples) + warmups)
+    timer.description = (f"time.perf_counter; warm-up until {STABLE_WINDOW} calls in a row agree within "
+                         f"{STABLE_SPREAD:.0%} (at most {WARM_UP_BUDGETS * rep_ms:g} ms), then 3-50 calls within {rep_ms:g} ms, "
+                         "median and q20/q80")
     return timer
+
+
+STABLE_WINDOW, STABLE_SPREAD = 3, 0.25
+WARM_UP_BUDGETS = 5  # the CPU warm-up may take up to this many timing budgets (rep_ms)
+
+
+def _timed_call(fn, grads):
+    for t in grads:
+        t.grad = None
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def warm_up(fn, grads, budget_s, max_calls=200):
+    """Call fn until its time is stable: the last STABLE_WINDOW calls within STABLE_SPREAD of their
+    fastest, and that fastest within STABLE_SPREAD of the fastest call so far, so one-off costs
+    (first-call dispatch, lazy initialisation, allocator growth; once 40× a step's time on the first
+    CPU shape) stay out of the samples. Stops after budget_s or max_calls regardless. Returns the
+    number of calls made."""
+    times, start = [], time.perf_counter()
+    while len(times) < max_calls:
+        times.append(_timed_call(fn, grads))
+        window = times[-STABLE_WINDOW:]
+        if len(times) > STABLE_WINDOW and max(window) <= (1 + STABLE_SPREAD) * min(window) \
+                and min(window) <= (1 + STABLE_SPREAD) * min(times):
+            break
+        if time.perf_counter() - start > budget_s:
+            break
+    return len(times)
 
 
 def rotation_count(set_bytes, cache_bytes, memory_budget):

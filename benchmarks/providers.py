@@ -86,6 +86,7 @@ class Provider:
     forward_only: str | None = None  # why the backward modes are skipped, if they are
     check_support: Callable[[Shape, torch.device], None] | None = None  # raises if the shape is not held
     per_shape_setup: Callable[[], None] | None = None  # called once per shape, before any build
+    runs_baseline_on_cpu: bool = False  # on CPU it runs nn.RNN's own kernel: a speedup would be noise
     note: str = ""
 
     def availability(self, shape, device, mode):
@@ -191,7 +192,7 @@ def _describe_torch_rnn(shape, device):
 
 def _describe_auto(shape, device):
     if device.type != "cuda":
-        return "elman_rnn auto -> native CPU kernel"
+        return "elman_rnn auto -> nn.RNN's native CPU kernel"
     try:
         picked = "persistent" if persistent.supports(shape.B, shape.H, shape.torch_dtype, device) else "stepwise"
     except Exception as e:
@@ -222,5 +223,5 @@ PROVIDERS = {p.name: p for p in (
              forward_only="CUDA-graph capture covers the forward only; backward modes not captured"),
     Provider("persistent", _op("persistent"), _fixed("elman_rnn persistent, one launch per sequence"),
              ours=True, triton=True, check_support=_check_persistent),
-    Provider("auto", _op("auto"), _describe_auto, ours=True),
+    Provider("auto", _op("auto"), _describe_auto, ours=True, runs_baseline_on_cpu=True),
 )}

@@ -8,18 +8,21 @@ from itertools import product
 from typing import Callable
 
 from benchmarks.measure import ROW_METADATA
+from benchmarks.module_rows import MODULE_FIELDS, module_markdown
 from benchmarks.providers import DTYPES, MODES
 
 BASELINE, EAGER, OURS = "torch_rnn", "eager", "auto"
 MODE_FLOP_FACTOR = {"forward": 1, "backward": 2, "fwd_bwd": 3}  # backward ≈ 2× forward
 ELEMENT_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
+SAME_KERNEL_NOTE = ("runs the same native kernel as nn.RNN on this device: its time differs from nn.RNN's "
+                    "only by noise, so no speedup is computed")
 NO_GPU_NOTE = ("CPU-only run: GPU figures need a GPU. The Triton providers are reported as 'needs_gpu'; "
                "cuDNN, peak training memory and the targets are GPU measurements, and the CPU numbers only "
                "show the suite works.")
 
 ROW_FIELDS = (
-    "provider", "mode", "dtype", "T", "B", "H", "D", "status", "reason", "backend", "note",
+    "provider", "mode", "dtype", "T", "B", "H", "D", "status", "reason", "backend", "note", "same_kernel_as_baseline",
     "check_seq", "tolerance", "tf32", "err_y", "err_h_n", "err_grad",
     "median_ms", "q20_ms", "q80_ms", "calls", "rotation_sets", "timer",
     "per_step_us", "tflops", "speedup_vs_torch_rnn", "speedup_vs_eager", "peak_train_mem_mib", "peak_mem_note",
@@ -80,6 +83,8 @@ def add_derived(rows, machine):
         for name, field in ((BASELINE, "speedup_vs_torch_rnn"), (EAGER, "speedup_vs_eager")):
             other = ok.get((name, row["mode"], dims))
             row[field] = other["median_ms"] / row["median_ms"] if other else None
+        if row.get("same_kernel_as_baseline"):
+            row["speedup_vs_torch_rnn"] = None
 
 
 def geomean(values):
@@ -228,9 +233,10 @@ def _finite(value):
     return value
 
 
-def write_json(path, metadata, machine, targets, rows):
+def write_json(path, metadata, machine, targets, rows, module_rows=()):
     doc = {"metadata": metadata, "machine": machine, "targets": targets,
-           "rows": [{k: _finite(row.get(k)) for k in ROW_FIELDS} for row in rows]}
+           "rows": [{k: _finite(row.get(k)) for k in ROW_FIELDS} for row in rows],
+           "module_rows": [{k: _finite(row.get(k)) for k in MODULE_FIELDS} for row in module_rows]}
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
@@ -258,7 +264,12 @@ def provider_geomeans(rows):
     return {mode: {p: geomean(v) for p, v in by.items()} for mode, by in speedups.items()}
 
 
-def summary_markdown(metadata, machine, targets, rows):
+def same_kernel_providers(rows):
+    """Providers that ran nn.RNN's own kernel in this run (auto on CPU), in order of appearance."""
+    return list(dict.fromkeys(r["provider"] for r in rows if r.get("same_kernel_as_baseline")))
+
+
+def summary_markdown(metadata, machine, targets, rows, module_rows=()):
     gpu = metadata["gpu"]
     out = [f"# Elman RNN benchmarks: {metadata['device']}, {metadata['date']}", ""]
     dirty = " (uncommitted changes)" if metadata["git_dirty"] else ""
@@ -297,8 +308,12 @@ def summary_markdown(metadata, machine, targets, rows):
                 "| mode | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         out += [f"| {mode} | " + " | ".join(_fmt(geo[mode].get(p)) for p in names) + " |" for mode in geo]
         out += [""]
+    same = same_kernel_providers(rows)
+    if same:
+        out += [f"- {p} {SAME_KERNEL_NOTE}." for p in same] + [""]
 
     out += ["## auto's choice against the measured crossover", ""] + dispatch_markdown(dispatch_check(rows)) + [""]
+    out += module_markdown(list(module_rows), gpu)
 
     out += ["## Results", "", "Times are medians; per step = median / T; × columns are speedups "
             "(same shape and mode); floor = max(FLOPs / matmul peak, bytes / copy bandwidth, barrier × T).", ""]

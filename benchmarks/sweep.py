@@ -165,7 +165,8 @@ def run_shape(shape, config, timer):
         for mode in config.modes:
             tf32 = p.uses_tf32(device)
             row = {"provider": p.name, "mode": mode, **asdict(shape), "backend": p.describe(shape, device),
-                   "note": p.note, "check_seq": check_T, "tolerance": tolerance(shape.dtype, tf32), "tf32": tf32}
+                   "note": p.note, "check_seq": check_T, "tolerance": tolerance(shape.dtype, tf32), "tf32": tf32,
+                   "same_kernel_as_baseline": p.runs_baseline_on_cpu and device.type != "cuda"}
             if blocked[p.name, mode] is not None:
                 row["status"], row["reason"] = blocked[p.name, mode]
             else:

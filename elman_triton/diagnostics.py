@@ -8,10 +8,17 @@ pieces: with dz_t = ∂L/∂z_t (the pre-activation gradient the recurrence kern
     g at the last processed step = dy + dh_n
 
 so recording costs one GEMM (dz shifted one step @ W_hh) and a norm, never a second backward.
-"""
-import torch
 
-__all__ = ["state_gradient_norms"]
+record_state_gradients(module) gathers those per-step norms for every layer and direction of an
+ElmanRNN (or every call of an ElmanRNNCell) while a context is open; outside it nothing is recorded
+and nothing costs more.
+"""
+import contextlib
+
+import torch
+from torch.nn.utils.rnn import PackedSequence
+
+__all__ = ["StateGradients", "record_state_gradients", "state_gradient_norms"]
 
 
 def state_gradient_norms(dy, dz, dh_n, weight_hh, reverse, out, lengths=None):
@@ -30,6 +37,126 @@ def state_gradient_norms(dy, dz, dh_n, weight_hh, reverse, out, lengths=None):
         torch.ops.elman_triton.state_gradient_norms(dy, dz, dh_n, weight_hh, reverse, out, lengths)
     else:
         _write_norms(dy, dz, dh_n, weight_hh, reverse, out, lengths)
+
+
+@contextlib.contextmanager
+def record_state_gradients(module, per_sample=False):
+    """Record ‖∂L/∂h_t‖₂ for each layer and direction of module while the context is open.
+
+        with elman_triton.record_state_gradients(rnn) as rec:
+            y, h_n = rnn(x, h0)
+            loss.backward()
+        rec.norms      # float32 (num_layers * num_directions, T) on the module's device
+
+    rec.norms[k, t] is the norm over batch and hidden units of the total derivative of the loss with
+    respect to layer/direction k's state at input-order step t (k in nn.RNN's h_n order): every path
+    counts, through later steps, later layers and h_n. With per_sample=True, rec.per_sample holds the
+    (num_layers * num_directions, T, B) norms per batch row as well (B in the caller's row order,
+    time-major whatever batch_first is). For packed input T is the longest length and steps past a
+    row's length are zero.
+
+    The norms come from the backward the op runs anyway (elman_rnn's state_grad_norms: one extra GEMM
+    per layer and direction); they are filled when backward reaches each layer, and read after it.
+    For ElmanRNN, rec describes the latest forward call inside the context. For ElmanRNNCell each call
+    is one step: rec.norms is (1, number of calls), t in call order.
+
+    Under torch.compile: elman_rnn(state_grad_norms=buffer) with a buffer made outside the compiled
+    function works inside one graph (fullgraph=True). A torch.compile'd module inside this context
+    runs its recorded calls eagerly (the compiler cannot return a buffer created inside a graph and
+    written by that graph's backward), so fullgraph=True refuses them with Dynamo's "found no compiled
+    frames" error.
+
+    Cost: with backend="auto" on CPU (PyTorch's native kernel, which exposes no per-step gradient)
+    the recorded calls run the reference loop instead, which is slower; CUDA and the Triton
+    backends run their own kernels. The context replaces module.forward with a recording wrapper and,
+    during each call, routes the module's op calls (elman_triton.modules.elman_rnn) through it; both
+    are restored on exit. Not thread-safe while open.
+    """
+    from elman_triton.modules import ElmanRNN, ElmanRNNCell  # ops imports this module: import late
+
+    if not isinstance(module, (ElmanRNN, ElmanRNNCell)):
+        raise TypeError(f"record_state_gradients needs an ElmanRNN or ElmanRNNCell, got {type(module).__name__}")
+    if "forward" in vars(module):
+        raise RuntimeError("module.forward is already replaced (a record_state_gradients context already open?)")
+    rec = StateGradients(module, per_sample)
+    # Inductor rejects a buffer created inside a graph and written by that graph's backward ("Node ... was
+    # invalid, but is output"), so recorded calls of a torch.compile'd module run eagerly.
+    module.forward = torch.compiler.disable(rec._recording_forward)
+    try:
+        yield rec
+    finally:
+        del module.forward
+
+
+class StateGradients:
+    """What record_state_gradients yields: .norms (and .per_sample), read after backward."""
+
+    def __init__(self, module, per_sample):
+        self._module, self._want_per_sample = module, per_sample
+        self._cell = not hasattr(module, "num_layers")
+        self._calls = []  # one entry per recorded forward: (buffers, lengths, unsorted_indices)
+
+    @property
+    def norms(self):
+        """(num_layers * num_directions, T) float32 norms over batch and hidden units."""
+        return torch.linalg.vector_norm(self._per_sample(), dim=2)
+
+    @property
+    def per_sample(self):
+        """(num_layers * num_directions, T, B) float32 norms over hidden units, per batch row."""
+        if not self._want_per_sample:
+            raise AttributeError("per-sample norms were not requested: use record_state_gradients(module, per_sample=True)")
+        return self._per_sample()
+
+    def _per_sample(self):
+        if not self._calls:
+            raise RuntimeError("nothing recorded: call the module inside the record_state_gradients context")
+        if self._cell:  # each call is one step: (1, calls, B)
+            return torch.cat([buffers[0] for buffers, _, _ in self._calls]).unsqueeze(0)
+        buffers, lengths, unsorted_indices = self._calls[-1]
+        directions = 2 if self._module.bidirectional else 1
+        per_sample = torch.stack([
+            _unreverse_rows(buf, lengths) if lengths is not None and k % directions == 1 else buf
+            for k, buf in enumerate(buffers)])
+        return per_sample if unsorted_indices is None else per_sample[:, :, unsorted_indices]
+
+    def _recording_forward(self, input, hx=None):
+        """The module's own forward, with a norm buffer handed to each of its elman_rnn calls."""
+        from elman_triton import modules
+
+        lengths = unsorted_indices = None
+        if isinstance(input, PackedSequence):
+            # Packed input runs as one padded, length-sorted batch; the reverse direction runs on a copy
+            # whose rows are time-reversed within their lengths, so its norms come back in that order.
+            lengths = _lengths(input.batch_sizes).to(input.data.device)
+            unsorted_indices = input.unsorted_indices
+        buffers, op = [], modules.elman_rnn
+
+        def recording_op(x, *args, **kwargs):
+            buffers.append(torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device))
+            return op(x, *args, state_grad_norms=buffers[-1], **kwargs)
+
+        modules.elman_rnn = recording_op
+        try:
+            output = type(self._module).forward(self._module, input, hx)
+        finally:
+            modules.elman_rnn = op
+        call = (buffers, lengths, unsorted_indices)
+        self._calls = self._calls + [call] if self._cell else [call]  # a cell call is a step; a module call, a pass
+        return output
+
+
+def _lengths(batch_sizes):
+    """Per-row lengths of a PackedSequence's sorted rows, from its batch_sizes."""
+    rows = torch.arange(int(batch_sizes[0]))
+    return (rows.unsqueeze(0) < batch_sizes.unsqueeze(1)).sum(0)
+
+
+def _unreverse_rows(buf, lengths):
+    """buf[t, b] -> buf[len_b-1-t, b] for t < len_b (padding stays): the inverse of the row-wise time
+    reversal the module applies to packed input in the reverse direction."""
+    t = torch.arange(buf.shape[0], device=buf.device).unsqueeze(1)
+    return buf.gather(0, torch.where(t < lengths, lengths - 1 - t, t))
 
 
 def _write_norms(dy, dz, dh_n, weight_hh, reverse, out, lengths):

@@ -1,11 +1,18 @@
 """ElmanRNN and ElmanRNNCell: drop-in replacements for torch.nn.RNN and torch.nn.RNNCell on elman_rnn.
 
-They subclass the torch modules, so construction, argument checks, parameter names, shapes,
-registration order, default init, state dicts, pickling and most input checks are torch's own; only
-forward is replaced. The modules own parameters and lay tensors out for the op: every recurrence
-runs in elman_triton.elman_rnn (one call per layer and direction), picked by `backend`.
+ElmanRNN derives from torch.nn.RNNBase, nn.RNN's own base class (mode "RNN_TANH" or "RNN_RELU"), and
+not from nn.RNN itself: torch.compile's Dynamo refuses to trace any instance of nn.RNN, nn.GRU or
+nn.LSTM (a graph break, unless torch._dynamo.config.allow_rnn is set) but traces an RNNBase like any
+module. So construction checks, parameter names, shapes, registration order, default init, state
+dicts, pickling and input checks are still torch's own code, and `isinstance(m, nn.RNN)` is False
+(`isinstance(m, nn.RNNBase)` is True). ElmanRNNCell derives from nn.RNNCell, which Dynamo traces.
 
-Variable lengths (PackedSequence) run as one padded batch, with no per-sequence Python loop:
+Every recurrence runs in elman_triton.elman_rnn, picked by `backend`; ElmanRNN._layer is the one place
+that calls it.
+
+Variable lengths (PackedSequence) run as one padded, length-sorted batch, with no per-sequence Python
+loop and no .item()/.tolist() on batch_sizes (torch.compile could not trace them): index tensors built
+from batch_sizes move the packed rows into a (T, B, ·) batch and back (_PackedBatch).
   * forward direction: padding sits after each row's valid steps, so it cannot reach valid outputs;
     h_n is gathered at each row's last valid step.
   * reverse direction: a per-row time-reversal index (t -> len_b-1-t for t < len_b, padding in place)
@@ -18,24 +25,30 @@ import contextlib
 import torch
 from torch import nn
 from torch.nn.functional import dropout
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from elman_triton.ops import BACKENDS, elman_rnn
 
 __all__ = ["ElmanRNN", "ElmanRNNCell"]
 
 
-class ElmanRNN(nn.RNN):
+class ElmanRNN(nn.RNNBase):
     """torch.nn.RNN with the recurrence in elman_rnn. Same arguments, plus keyword-only `backend`
-    ("auto", "stepwise", "persistent" or "reference"; see elman_rnn)."""
+    ("auto", "stepwise", "persistent" or "reference"; see elman_rnn).
+
+    A subclass of nn.RNNBase, not of nn.RNN, so that torch.compile traces it (fullgraph=True works):
+    `isinstance(m, nn.RNN)` is False, `isinstance(m, nn.RNNBase)` is True."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
                  backend="auto"):
+        # nn.RNN.__init__'s own check and message, before RNNBase checks the rest.
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         _check_backend(backend)
-        super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity, bias=bias,
-                         batch_first=batch_first, dropout=dropout, bidirectional=bidirectional,
-                         device=device, dtype=dtype)
+        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size, hidden_size,
+                         num_layers, bias, batch_first, dropout, bidirectional, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
         self.backend = backend
 
     def flatten_parameters(self):
@@ -51,14 +64,17 @@ class ElmanRNN(nn.RNN):
         """Same contract as torch.nn.RNN.forward: (output, h_n); PackedSequence in, PackedSequence out."""
         self._update_flat_weights()  # as nn.RNN: check_input reads the weights' dtype from _flat_weights
         num_directions = 2 if self.bidirectional else 1
-        packed = isinstance(input, PackedSequence)
+        batch = None
         # The argument handling below mirrors nn.RNN.forward step for step, so errors match.
-        if packed:
+        if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
-            self._check_args(data, hx, batch_sizes)
-            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))  # time-major, sorted order
+            self.check_input(data, batch_sizes)
+            batch = _PackedBatch(data, batch_sizes, _packed_batch_size(batch_sizes, sorted_indices, hx))
+            if hx is not None:  # nn.RNN's check_forward_args, with the batch size found without .item()
+                self.check_hidden_size(hx, (self.num_layers * num_directions, batch.size, self.hidden_size))
+            x = batch.pad(data)
         else:
             if input.dim() not in (2, 3):
                 raise ValueError(f"RNN: Expected input to be 2D or 3D, got {input.dim()}D tensor instead")
@@ -69,52 +85,53 @@ class ElmanRNN(nn.RNN):
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
                 hx = None if hx is None else hx.unsqueeze(1)
-            self._check_args(input, hx, None)
-            x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
+            if hx is None:  # nn.RNN checks a zero hx it builds; only the input needs checking then
+                self.check_input(input, None)
+            else:
+                self.check_forward_args(input, hx, None)
+            x = input.transpose(0, 1) if self.batch_first else input
         if x.shape[0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         x, hx, weights, no_autocast = _cast_like_autocast(x, hx, self.all_weights)
         with no_autocast:
-            steps = None if lengths is None else _PaddedSteps(lengths.to(x.device), x.shape[0])
             h_n = []
             for layer in range(self.num_layers):
                 last = layer == self.num_layers - 1
-                outputs = []
-                for direction in range(num_directions):
-                    k = layer * num_directions + direction
-                    y, h = self._direction(x, None if hx is None else hx[k], weights[k], direction == 1, steps)
-                    outputs.append(y)
-                    h_n.append(h)
-                x = _join_directions(outputs, batch_first=last and self.batch_first and not packed)
+                k = layer * num_directions
+                x, h = self._layer(x, None if hx is None else hx[k:k + num_directions],
+                                   weights[k:k + num_directions], batch,
+                                   batch_first=last and self.batch_first and batch is None)
+                h_n += h
                 if not last and self.dropout > 0 and self.training:
                     x = dropout(x, self.dropout, training=True)
             h_n = torch.stack(h_n)
 
-        if packed:
-            output = PackedSequence(pack_padded_sequence(x, lengths).data, batch_sizes,
-                                    sorted_indices, unsorted_indices)
-            return output, self.permute_hidden(h_n, unsorted_indices)
+        if batch is not None:
+            return (PackedSequence(batch.pack(x), batch_sizes, sorted_indices, unsorted_indices),
+                    self.permute_hidden(h_n, unsorted_indices))
         if not batched:
             return x.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return x, h_n
 
-    def _check_args(self, input, hx, batch_sizes):
-        if hx is None:  # nn.RNN checks a zero hx it builds; only the input needs checking then
-            self.check_input(input, batch_sizes)
-        else:
-            self.check_forward_args(input, hx, batch_sizes)
-
-    def _direction(self, x, h0, weights, reverse, steps):
-        """One layer, one direction over time-major x; steps is None or the padded batch's lengths."""
-        if steps is None:
-            return _elman(x, h0, weights, self.nonlinearity, self.backend, reverse)
-        if not reverse:
-            y, _ = _elman(x, h0, weights, self.nonlinearity, self.backend)
-            return y, y[steps.last, steps.rows]
-        y, _ = _elman(steps.reverse(x), h0, weights, self.nonlinearity, self.backend)
-        y = steps.reverse(y)
-        return y, y[0]  # the reverse direction ends after reading x[0]
+    def _layer(self, x, hx, weights, batch, batch_first):
+        """One layer, every direction. x: (T, B, D) time-major; hx: (directions, B, H) or None; weights:
+        one list per direction; batch: the _PackedBatch of packed input, else None. Returns the output,
+        (T, B, directions·H) or, with batch_first, (B, T, directions·H), and a list of each direction's h_n."""
+        outputs, h_n = [], []
+        for direction, w in enumerate(weights):
+            h0, reverse = None if hx is None else hx[direction], direction == 1
+            if batch is None:
+                y, h = _elman(x, h0, w, self.nonlinearity, self.backend, reverse)
+            elif not reverse:
+                y, _ = _elman(x, h0, w, self.nonlinearity, self.backend)
+                h = y[batch.last, batch.rows]
+            else:
+                y = batch.reverse(_elman(batch.reverse(x), h0, w, self.nonlinearity, self.backend)[0])
+                h = y[0]  # the reverse direction ends after reading x[0]
+            outputs.append(y)
+            h_n.append(h)
+        return _join_directions(outputs, batch_first), h_n
 
 
 class ElmanRNNCell(nn.RNNCell):
@@ -159,14 +176,49 @@ class ElmanRNNCell(nn.RNNCell):
         return h if batched else h.squeeze(0)
 
 
-class _PaddedSteps:
-    """Index tensors for a padded, length-sorted batch (lengths on the data's device)."""
+def _packed_batch_size(batch_sizes, sorted_indices, hx):
+    """B of a PackedSequence, from a shape where one tells it: batch_sizes[0] is data, which
+    torch.compile cannot read without a graph break (unless capture_scalar_outputs is set)."""
+    if sorted_indices is not None:
+        return sorted_indices.shape[0]
+    if torch.compiler.is_compiling() and hx is not None and hx.dim() == 3:
+        torch._assert_async(batch_sizes[0] == hx.shape[1], "hx's batch size does not match the PackedSequence's")
+        return hx.shape[1]
+    B = int(batch_sizes[0])  # under torch.compile, a data-dependent size
+    torch._check(B > 0)  # as batch_sizes[0] of any PackedSequence: tells the compiler B is not 0
+    return B
 
-    def __init__(self, lengths, T):
-        self.rows = torch.arange(lengths.shape[0], device=lengths.device)
-        self.last = lengths - 1
-        t = torch.arange(T, device=lengths.device).unsqueeze(1)
-        self._reversal = torch.where(t < lengths, self.last - t, t).unsqueeze(2)  # (T, B, 1), its own inverse
+
+class _PackedBatch:
+    """Index tensors between a PackedSequence's rows (N, ·) and its padded, length-sorted batch
+    (T, B, ·), built from batch_sizes with tensor ops only, on the data's device."""
+
+    def __init__(self, data, batch_sizes, B):
+        device = data.device
+        batch_sizes = batch_sizes.to(device)
+        ends = batch_sizes.cumsum(0)
+        starts = ends - batch_sizes  # the packed row of (t, b) is starts[t] + b
+        self.size = B
+        self.rows = torch.arange(B, device=device)
+        self.lengths = (batch_sizes.unsqueeze(1) > self.rows).sum(0)  # row b is in the first lengths[b] steps
+        self.last = self.lengths - 1
+        t = torch.arange(batch_sizes.shape[0], device=device).unsqueeze(1)
+        valid = t < self.lengths  # (T, B)
+        self._valid = valid.unsqueeze(2)
+        self._packed_row = torch.where(valid, starts.unsqueeze(1) + self.rows, 0)
+        # Packed row n sits at step t = #{t : ends[t] <= n}, batch row n - starts[t].
+        n = torch.arange(data.shape[0], device=device)
+        step = torch.searchsorted(ends, n, right=True)
+        self._padded_row = step * B + n - starts[step]
+        self._reversal = torch.where(valid, self.last - t, t).unsqueeze(2)  # (T, B, 1), its own inverse
+
+    def pad(self, data):
+        """(N, D) packed rows -> (T, B, D), zeros at padded positions (as pad_packed_sequence)."""
+        return torch.where(self._valid, data[self._packed_row], 0)
+
+    def pack(self, y):
+        """(T, B, F) -> (N, F) packed rows, as pack_padded_sequence(...).data."""
+        return y.flatten(0, 1)[self._padded_row]
 
     def reverse(self, x):
         """x[t, b] -> x[len_b-1-t, b] for t < len_b; padding stays where it is. A gathered copy."""

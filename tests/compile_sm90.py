@@ -19,7 +19,9 @@ import tempfile
 
 import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
 from triton.compiler import ASTSource
 
 from elman_triton import persistent, stepwise
@@ -27,8 +29,10 @@ from elman_triton.kernels import barrier, persistent_large, persistent_small
 from elman_triton.kernels import stepwise as stepwise_kernels
 
 TARGET = GPUTarget("cuda", 90, 32)
-NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-PTXAS, CUOBJDUMP = os.path.join(NVIDIA_BIN, "ptxas"), os.path.join(NVIDIA_BIN, "cuobjdump")
+# The ptxas Triton itself runs for this arch: Triton 3.9 emits PTX 9.x, which only its bundled
+# `ptxas-blackwell` (CUDA 13) reads; 3.6 uses `ptxas` for sm_90. Both honour TRITON_PTXAS_PATH.
+PTXAS = get_ptxas(TARGET.arch).path
+CUOBJDUMP = knobs.nvidia.cuobjdump.path
 TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 ACCUMULATOR_POINTERS = {"p_bias", "p_dh", "p_dh0", "p_dh_next"}
 

@@ -10,6 +10,7 @@ interpreter (see conftest.py); with CUDA every test runs on the GPU and the @pyt
 import copy
 import functools
 import itertools
+import pickle
 
 import pytest
 import torch
@@ -130,10 +131,13 @@ def test_matches_nn_rnn_float32(backend, nonlinearity):
     check_matches(ours, ref, call, [rand(T, B, D), None], torch.float32)  # hx=None: zeros
 
 
-@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("enforce_sorted, with_hx", [(True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_packed_sequence(backend, enforce_sorted, bidirectional):
-    lengths = [4, 2, 1] if enforce_sorted else [2, 4, 1]  # unsorted: the longest is not first
+def test_packed_sequence(backend, enforce_sorted, with_hx, bidirectional):
+    """Drawn lengths in [1, T] (one of them T); unsorted: the longest is not first, so hx and h_n are permuted."""
+    batch = 5
+    lengths = [T] + torch.randint(1, T + 1, (batch - 1,)).tolist()
+    lengths = sorted(lengths, reverse=True) if enforce_sorted else lengths[1:3] + [T] + lengths[3:]
     ours, ref = make_pair(backend, input_size=D, hidden_size=H, num_layers=2, bidirectional=bidirectional)
     dirs = 2 if bidirectional else 1
 
@@ -147,11 +151,12 @@ def test_packed_sequence(backend, enforce_sorted, bidirectional):
         assert out_lengths.tolist() == lengths
         return padded, h_n
 
-    (padded, h_n), grads = check_matches(ours, ref, run, [rand(T, B, D), rand(2 * dirs, B, H)])
+    hx = rand(2 * dirs, batch, H) if with_hx else None
+    (padded, h_n), grads = check_matches(ours, ref, run, [rand(T, batch, D), hx])
     valid = torch.arange(T, device=DEVICE)[:, None] < torch.tensor(lengths, device=DEVICE)
     assert torch.all(padded[~valid] == 0), "padded outputs must be zeros"
     assert torch.all(grads["input 0"][~valid] == 0), "padded inputs must get no gradient"
-    assert h_n.shape == (2 * dirs, B, H)
+    assert h_n.shape == (2 * dirs, batch, H)
 
 
 @pytest.mark.parametrize("batch_first, with_hx", [(False, True), (True, False)])
@@ -192,6 +197,22 @@ def test_dropout_between_layers(backend):
     # p = 1 zeroes every later layer's input in both, deterministically.
     ours, ref = make_pair(backend, dropout=1.0, **kwargs)
     check_matches(ours.train(), ref.train(), call, [x, hx])
+
+
+def test_backward_in_eval_mode(backend):
+    """model.eval() changes nothing but dropout: backward still runs and matches nn.RNN (cuDNN refuses
+    backward in eval mode; attribution methods such as integrated gradients need it), packed input too."""
+    ours, ref = make_pair(backend, input_size=D, hidden_size=H, num_layers=2, bidirectional=True, dropout=0.5)
+    ours.eval()
+    ref.eval()
+    _, grads = check_matches(ours, ref, call, [rand(T, B, D), rand(4, B, H)])
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+    def run_packed(module, x):
+        out, h_n = module(pack_padded_sequence(x, [2, T, 1], enforce_sorted=False))
+        return out.data, h_n
+
+    check_matches(ours, ref, run_packed, [rand(T, B, D)])
 
 
 def test_empty_batch(backend):
@@ -271,6 +292,39 @@ def test_autocast(backend, device_type):
     assert [t.dtype for t in run(fp32_ref, x, hx)] == [low, low]  # what nn.RNN does under autocast
     _, grads = check_matches(ours, ref, run, [x, hx], torch.float32, compute_dtype=low)  # ref: fp64, not cast
     assert all(g.dtype == torch.float32 for g in grads.values())
+
+
+@pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
+def test_is_an_rnn_base_with_nn_rnn_attributes(nonlinearity):
+    """ElmanRNN derives from nn.RNNBase, not nn.RNN (Dynamo refuses to trace nn.RNN), and carries every
+    attribute an nn.RNN has, with the same values, plus `backend`."""
+    kwargs = dict(num_layers=2, nonlinearity=nonlinearity, bias=False, batch_first=True, dropout=0.25,
+                  bidirectional=True)
+    ours, ref = ElmanRNN(D, H, **kwargs), nn.RNN(D, H, **kwargs)
+    assert isinstance(ours, nn.RNNBase) and not isinstance(ours, nn.RNN)
+    assert vars(ours).keys() - {"backend"} == vars(ref).keys()
+    for name in ("mode", "nonlinearity", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                 "dropout", "bidirectional", "proj_size", "_flat_weights_names", "_all_weights"):
+        assert getattr(ours, name) == getattr(ref, name), name
+
+
+def test_pickle_round_trip(tmp_path):
+    """torch.save / torch.load of whole modules and pickle, as nn.RNN: same class, backend, parameters
+    and outputs, also after a weight was replaced by a new Parameter."""
+    model = ElmanRNN(D, H, num_layers=2, bidirectional=True, backend="reference", dtype=F64, device=DEVICE)
+    model.weight_hh_l1 = nn.Parameter(rand(H, H))
+    cell = ElmanRNNCell(D, H, nonlinearity="relu", backend="reference", dtype=F64, device=DEVICE)
+    x = rand(T, B, D)
+    torch.save([model, cell], tmp_path / "modules.pt")
+    for loaded_model, loaded_cell in (torch.load(tmp_path / "modules.pt", weights_only=False),
+                                      pickle.loads(pickle.dumps([model, cell]))):
+        for loaded, original in ((loaded_model, model), (loaded_cell, cell)):
+            assert type(loaded) is type(original) and loaded.backend == "reference"
+            for (name, a), (_, b) in zip(loaded.named_parameters(), original.named_parameters(), strict=True):
+                assert torch.equal(a, b), name
+        for got, want in zip(loaded_model(x), model(x)):
+            assert torch.equal(got, want)
+        assert torch.equal(loaded_cell(x[0]), cell(x[0]))
 
 
 def test_repr_flatten_and_copy():
@@ -417,8 +471,13 @@ def test_cell_1d_hx_for_batched_input_is_a_runtime_error():
                                     dict(bias=1), dict(batch_first=None), dict(hidden_size=9.0)],
                          ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
 def test_constructor_errors_match_torch(kwargs):
+    """The same exception type and message as nn.RNN."""
     full = {"input_size": D, "hidden_size": H, **kwargs}
-    assert_raises_like(lambda: ElmanRNN(**full), lambda: nn.RNN(**full), None)
+    expected = raised(lambda: nn.RNN(**full))
+    assert expected is not None, "torch accepted these arguments; the case is wrong"
+    with pytest.raises(type(expected)) as error:
+        ElmanRNN(**full)
+    assert str(error.value) == str(expected)
 
 
 def test_unknown_backend_or_nonlinearity_raise_at_construction():

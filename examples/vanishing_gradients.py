@@ -1,0 +1,143 @@
+"""The vanishing-gradient study: ‖∂L/∂h_t‖ against T − 1 − t, from the kernels' own backward.
+
+W_hh is set orthogonal at spectral radius ρ ∈ {0.5, 0.9, 1.0, 1.1, 1.5} (elman_triton.init.orthogonal_:
+then every singular value is ρ too), for tanh and relu. The loss reads only the last state (the adding
+problem's readout), so every ∂L/∂h_t for t < T-1 is gradient carried back through time, and
+record_state_gradients gives its norm at every step.
+
+Pascanu, Mikolov & Bengio 2013: ∂h_{t+1}/∂h_t = diag(act'(z_{t+1})) W_hh, so with |act'| ≤ γ (γ = 1 for
+tanh and relu) and σ_max the largest singular value of W_hh,
+
+    ‖∂L/∂h_{T-1-k}‖ ≤ (γ σ_max)^k ‖∂L/∂h_{T-1}‖,
+
+and when σ_max < 1/γ the norm must decay at least geometrically at rate γ σ_max. The script fits the
+decay rate (a least-squares slope of log ‖∂L/∂h‖ against k), takes the worst per-step rate
+max_k (‖∂L/∂h_{T-1-k}‖ / ‖∂L/∂h_{T-1}‖)^(1/k), and checks it against the bound for every ρ, at init
+and again after some training on the adding problem (σ_max is measured again then). It exits with
+status 1 if the bound is broken where the condition holds.
+
+    python examples/vanishing_gradients.py            # T = 100, H = 100; the init part takes seconds
+    python examples/vanishing_gradients.py --quick    # smaller training, under a minute on CPU
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+from adding_problem import Adder, make_batch, state_gradients  # noqa: E402
+
+from elman_triton import init  # noqa: E402
+
+RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)
+GAMMA = {"tanh": 1.0, "relu": 1.0}  # sup |act'|
+SLACK = 1e-3  # fp32 rounding in the measured norms, relative to the rate
+
+
+def decay_rates(norms):
+    """(fitted rate, worst per-step rate) of ‖∂L/∂h_{T-1-k}‖ / ‖∂L/∂h_{T-1}‖ over k ≥ 1 where it is
+    above 1e-30 (below, fp32 underflow says nothing about the rate)."""
+    ratios = torch.tensor(norms, dtype=torch.float64).flip(0)
+    ratios = ratios / ratios[0]
+    k = torch.arange(len(ratios), dtype=torch.float64)
+    keep = ratios > 1e-30
+    k, log_ratio = k[keep], ratios[keep].log()
+    if len(k) < 2:
+        return float("nan"), float("nan")
+    slope = (k * log_ratio).sum() / (k * k).sum()  # through the origin: ratio = 1 at k = 0
+    worst = (log_ratio[1:] / k[1:]).max()
+    return math.exp(slope), math.exp(worst)
+
+
+def study(act, rho, args, test, generator):
+    torch.manual_seed(args.seed)
+    model = Adder(act, args.hidden, args.backend, args.device)
+    init.orthogonal_(model.rnn, spectral_radius=rho)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    rows = []
+    for stage in ("init", "trained"):
+        if stage == "trained":
+            for _ in _common.progress(args.steps, f"train {act} ρ={rho}"):
+                x, target = make_batch(args.T, args.batch, generator, args.device)
+                optimizer.zero_grad(set_to_none=True)
+                nn.functional.mse_loss(model(x), target).backward()
+                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                optimizer.step()
+        with torch.no_grad():
+            mse = nn.functional.mse_loss(model(test[0]), test[1]).item()
+        norms = state_gradients(model, *test)
+        sigma = torch.linalg.svdvals(model.rnn.weight_hh_l0.detach().double()).max().item()
+        bound = GAMMA[act] * sigma
+        fitted, worst = decay_rates(norms)
+        applies = bound < 1
+        check = ("holds" if worst <= bound * (1 + SLACK) else "VIOLATED") if applies else "n/a (γσ ≥ 1)"
+        rows.append(dict(act=act, rho=rho, stage=stage, sigma_max=sigma, bound=bound, fitted_rate=fitted,
+                         worst_rate=worst, check=check, test_mse=mse, norms=norms))
+        print(f"{act:4s} ρ={rho:<4} {stage:7s}: σ_max {sigma:.3f}, bound γσ {bound:.3f}, fitted rate {fitted:.3f}, "
+              f"worst per-step rate {worst:.3f}: {check}; test MSE {mse:.4f}", flush=True)
+    return rows
+
+
+def report(rows, args, out):
+    header = ["act", "ρ (init)", "stage", "σ_max(W_hh)", "bound γσ_max", "fitted rate", "worst per-step rate",
+              "Pascanu check", "test MSE"]
+    table = [[r["act"], r["rho"], r["stage"], f"{r['sigma_max']:.3f}", f"{r['bound']:.3f}", f"{r['fitted_rate']:.3f}",
+              f"{r['worst_rate']:.3f}", r["check"], f"{r['test_mse']:.4f}"] for r in rows]
+    settings = (f"T = {args.T}, H = {args.hidden}, {args.test_size} test sequences of the adding problem (loss on "
+                f"the last state only); training: {args.steps} Adam steps, lr {args.lr}, batch {args.batch}, "
+                f"clip {args.clip}; backend {args.backend!r} on {args.device}; seed {args.seed}.")
+    _common.write_markdown(out, "vanishing_gradients.md", "Vanishing gradients", [settings, (header, table)])
+    with open(os.path.join(out, "vanishing_gradients.json"), "w") as f:
+        json.dump(dict(args=vars(args), machine=_common.machine(), rows=rows), f)
+    plt = _common.pyplot()
+    if plt is None:
+        return
+    acts = sorted({r["act"] for r in rows})
+    fig, axes = plt.subplots(2, len(acts), figsize=(6 * len(acts), 8), squeeze=False, sharey=True)
+    for col, act in enumerate(acts):
+        for row, stage in enumerate(("init", "trained")):
+            ax = axes[row, col]
+            for r in (r for r in rows if r["act"] == act and r["stage"] == stage):
+                ratios = torch.tensor(r["norms"]).flip(0)
+                ratios = (ratios / ratios[0]).clamp_min(1e-38)
+                line, = ax.semilogy(ratios, label=f"ρ = {r['rho']} (σ_max {r['sigma_max']:.2f})")
+                if r["bound"] < 1:
+                    k = torch.arange(len(ratios), dtype=torch.float64)
+                    ax.semilogy(k, r["bound"] ** k, ":", color=line.get_color())
+            ax.set(title=f"{act}, {stage} (dotted: bound (γσ_max)^k)", xlabel="k = T − 1 − t",
+                   ylabel="‖∂L/∂h_t‖ / ‖∂L/∂h_T-1‖", ylim=(1e-30, 1e10))
+            ax.legend(fontsize=7)
+    _common.save_figure(fig, out, "vanishing_gradients.png")
+
+
+def main(argv=None):
+    p = _common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--T", type=int, default=100)
+    p.add_argument("--hidden", type=int, default=100)
+    p.add_argument("--rhos", type=float, nargs="+", default=list(RHOS))
+    p.add_argument("--acts", nargs="+", default=["tanh", "relu"], choices=sorted(GAMMA))
+    p.add_argument("--steps", type=int, default=500, help="training steps before the second measurement")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--test-size", type=int, default=256)
+    args = _common.parse(p, argv, quick=dict(T=30, hidden=32, steps=60))
+    out = _common.setup(args, "vanishing_gradients")
+    test = make_batch(args.T, args.test_size, torch.Generator().manual_seed(12345), args.device)
+    rows = []
+    for act in args.acts:
+        for rho in args.rhos:
+            rows += study(act, rho, args, test, torch.Generator().manual_seed(args.seed))
+    report(rows, args, out)
+    violated = [r for r in rows if r["check"] == "VIOLATED"]
+    if violated:
+        print(f"the bound is broken in {len(violated)} case(s)")
+    return rows, not violated
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main()[1] else 1)
