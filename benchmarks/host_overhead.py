@@ -32,13 +32,20 @@ DEVICE_PROPERTIES = {"max_num_regs": 65536, "max_shared_mem": 232448, "multiproc
                      "max_threads_per_multiprocessor": 2048, "warpSize": 32}
 
 
-class FakeKernel:
-    """A @triton.jit kernel whose launch and warmup cost nothing; warmup returns what the launchers
-    read from a compiled kernel (registers, shared memory)."""
+class FakeCompiled(SimpleNamespace):
+    """What the launchers read from a compiled kernel (registers, shared memory), and its launch."""
 
-    def __init__(self):
-        self.compiled = SimpleNamespace(n_regs=128, n_spills=0, metadata=SimpleNamespace(shared=65536, num_warps=8),
-                                        _init_handles=lambda: None)
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+class FakeKernel:
+    """A @triton.jit kernel whose launch and warmup cost nothing; warmup returns a FakeCompiled."""
+
+    def __init__(self, kernel):
+        self.arg_names, self.__name__ = kernel.arg_names, kernel.__name__
+        self.compiled = FakeCompiled(n_regs=128, n_spills=0, metadata=SimpleNamespace(shared=65536, num_warps=8),
+                                     _init_handles=lambda: None)
 
     def __getitem__(self, grid):
         return self._launch
@@ -90,12 +97,15 @@ def fake_gpu(level):
         mock.patch.object(torch.cuda, "current_stream", lambda device=None: SimpleNamespace(cuda_stream=0)),
         mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: False),
         mock.patch.object(torch.cuda, "device", lambda device: contextlib.nullcontext()),
+        mock.patch.object(torch.cuda, "Event", lambda **kwargs: SimpleNamespace(record=lambda: None, query=lambda: True)),
+        # The launcher's error-word check (v0.3): a pinned host int32 where there is no GPU.
+        mock.patch.object(persistent, "_pinned_flag", lambda: torch.empty(1, dtype=torch.int32), create=True),
         mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
             multi_processor_count=DEVICE_PROPERTIES["multiprocessor_count"])),
     ]
     if level == "launcher":
         for module in (stepwise, persistent):
-            patches += [mock.patch.object(module, name, FakeKernel())
+            patches += [mock.patch.object(module, name, FakeKernel(value))
                         for name, value in vars(module).items() if isinstance(value, JITFunction)]
     for name, value in vars(persistent).items():  # caches of device facts: start empty, end empty
         if hasattr(value, "cache_clear"):
@@ -124,13 +134,20 @@ def bind(fn, **available):
     return functools.partial(fn, **{n: v for n, v in available.items() if n in params})
 
 
-def problem(T):
-    from elman_triton.config import accumulator_dtype, kernel_options
+def problem(T, fn):
+    """The arguments of one direction's call. Launchers since v0.3 take the layer layout: a direction
+    axis on h0, W_hh, bias, h_n and dh_n, and a config.Layout; older ones take plain (B, H) tensors."""
+    from elman_triton import config
     y = torch.randn(T, B, H).to(DTYPE)
-    return dict(xp=y, y=y, h0=torch.randn(B, H).to(DTYPE), weight_hh=torch.randn(H, H).to(DTYPE) * H ** -0.5,
-                bias=torch.randn(H).to(DTYPE), opts=kernel_options(DTYPE, "tanh", fast_tanh=False), reverse=False,
-                dy=torch.randn(T, B, H).to(DTYPE), dh_n=torch.randn(B, H, dtype=accumulator_dtype(DTYPE)),
-                dz=torch.empty(T, B, H, dtype=DTYPE), lengths=None)
+    args = dict(xp=y, y=y, h0=torch.randn(B, H).to(DTYPE), weight_hh=torch.randn(H, H).to(DTYPE) * H ** -0.5,
+                bias=torch.randn(H).to(DTYPE), opts=config.kernel_options(DTYPE, "tanh", fast_tanh=False),
+                reverse=False, dy=torch.randn(T, B, H).to(DTYPE),
+                dh_n=torch.randn(B, H, dtype=config.accumulator_dtype(DTYPE)), dz=torch.empty(T, B, H, dtype=DTYPE),
+                lengths=None)
+    if "layout" in inspect.signature(fn).parameters:
+        args = {k: v.unsqueeze(0) if k in ("h0", "weight_hh", "bias", "dh_n") else v for k, v in args.items()}
+        args.update(h_n=torch.empty(1, B, H, dtype=DTYPE), layout=config.Layout.of(y, H, 1, False, False))
+    return args
 
 
 def best_time_us(fn, repeats, number):
@@ -151,13 +168,13 @@ def measure(level, repeats=15):
     with fake_gpu(level):
         for direction in ("forward", "backward"):
             fn = getattr(stepwise, f"{direction}_recurrence")
-            short, long_ = problem(T_SHORT), problem(T_LONG)
+            short, long_ = problem(T_SHORT, fn), problem(T_LONG, fn)
             t_short = best_time_us(bind(fn, **short), repeats, 20)
             t_long = best_time_us(bind(fn, **long_), repeats, 20)
             results[f"stepwise {direction}, per step"] = (t_long - t_short) / (T_LONG - T_SHORT)
         for direction in ("forward", "backward"):
             fn = getattr(persistent, f"{direction}_recurrence")
-            args = problem(T_SHORT)
+            args = problem(T_SHORT, fn)
             results[f"persistent large-H {direction}, per call"] = best_time_us(bind(fn, **args), repeats, 200)
     return results
 

@@ -49,11 +49,21 @@ def accumulator_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def cdiv(a, b):
+    """⌈a / b⌉ in plain Python: triton.cdiv and triton.next_power_of_2 are jit-wrapped and cost ≈ 10 µs
+    per host call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
 def padded(H):
     """H rounded up to a multiple of 16: the row length of the package's own buffers. Triton specialises
     an integer argument that is a multiple of 16 (divisibility), so with it every row starts 16-element
     aligned and the kernels load 16-byte vectors for any H, not one element at a time."""
-    return -(-H // 16) * 16
+    return cdiv(H, 16) * 16
 
 
 @dataclass(frozen=True)

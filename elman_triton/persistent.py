@@ -29,7 +29,7 @@ import functools
 import torch
 import triton
 
-from elman_triton.config import INTERPRETED, accumulator_dtype, direct_launcher, on_device
+from elman_triton.config import INTERPRETED, accumulator_dtype, cdiv, next_power_of_2, on_device, padded
 from elman_triton.kernels.barrier import WORD_STRIDE, barrier_loop_kernel
 from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_kernel,
                                                    elman_persistent_large_fwd_kernel)
@@ -104,7 +104,7 @@ def _k_split(BH, num_warps):
 
 
 def _bh(H):
-    return max(16, triton.next_power_of_2(H))
+    return max(16, next_power_of_2(H))
 
 
 def _is_small(H, dtype, device):
@@ -167,7 +167,7 @@ def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
                 FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
     with on_device(y):
         if _is_small(lay.H, y.dtype, y.device):
-            elman_persistent_small_fwd_kernel[(triton.cdiv(lay.B, BB), lay.dirs)](
+            elman_persistent_small_fwd_kernel[(cdiv(lay.B, BB), lay.dirs)](
                 xp, y, h0, weight_hh, bias_arg, h_n, lengths, lay.T, lay.B, lay.H, *strides,
                 **meta, num_warps=_num_warps_small(y.dtype))
             return
@@ -186,7 +186,7 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
     with on_device(y):
         if _is_small(lay.H, y.dtype, y.device):
             dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=accumulator_dtype(y.dtype), device=y.device)
-            elman_persistent_small_bwd_kernel[(triton.cdiv(lay.B, BB), lay.dirs)](
+            elman_persistent_small_bwd_kernel[(cdiv(lay.B, BB), lay.dirs)](
                 dy, dh_n, y, weight_hh, dz, dh0, lengths, lay.T, lay.B, lay.H, *dy_strides, *dh_n.stride(),
                 *lay.seq_strides, *w_strides, **meta, num_warps=_num_warps_small(y.dtype))
             return dh0
@@ -208,14 +208,20 @@ class LargeKernelPlan:
     capacity: int
 
 
-def _large_meta(H, dtype, opts):
+def _large_meta(H, dtype):
+    """BN, K_SPLIT, warps and barrier scheme of the large-H kernel (under the current large_config)."""
+    return _large_meta_cached(H, dtype, _large)
+
+
+@functools.cache
+def _large_meta_cached(H, dtype, config):
     BH = _bh(H)
     num_warps = _num_warps_large(BH, dtype)
     return dict(BN=_large.BN, K_SPLIT=_k_split(BH, num_warps), num_warps=num_warps, FLIP=_large.flip_barrier)
 
 
 def _plan(kernel, H, dtype, device, opts):
-    meta = _large_meta(H, dtype, opts)
+    meta = _large_meta(H, dtype)
     return _plan_cached(kernel, H, dtype, torch.device(device), opts, tuple(sorted(meta.items())))
 
 
@@ -227,7 +233,7 @@ def _plan_cached(kernel, H, dtype, device, opts, meta_items):
     (registers can differ by a few in other specialisations; the cooperative launch then fails with an
     error rather than hangs)."""
     meta = dict(meta_items)
-    n_col = triton.cdiv(H, meta["BN"])
+    n_col = cdiv(H, meta["BN"])
     if INTERPRETED:
         return LargeKernelPlan(meta, n_col, capacity=n_col)
     compiled = kernel.warmup(*_stand_in_args(kernel, H, dtype, device), **_stand_in_constexprs(kernel, H, opts),
@@ -236,7 +242,7 @@ def _plan_cached(kernel, H, dtype, device, opts, meta_items):
 
 
 def _stand_in_args(kernel, H, dtype, device, B=16):
-    Hp = -(-H // 16) * 16
+    Hp = padded(H)
     tensors = {"p_len": torch.empty(B, dtype=torch.int64, device=device),
                "p_barrier": torch.empty(64, dtype=torch.int32, device=device),
                "p_dh": torch.empty(1, dtype=accumulator_dtype(dtype), device=device)}
@@ -257,9 +263,9 @@ def _stand_in_constexprs(kernel, H, opts):
 
 
 def _launch_large(kernel, lay, y, n_units, opts, pointers, strides, meta):
-    n_tiles = triton.cdiv(lay.B, BB)
-    meta = dict(meta, **_large_meta(lay.H, y.dtype, opts))
-    n_col = triton.cdiv(lay.H, meta["BN"])
+    n_tiles = cdiv(lay.B, BB)
+    meta = dict(meta, **_large_meta(lay.H, y.dtype))
+    n_col = cdiv(lay.H, meta["BN"])
     if INTERPRETED:
         # One unit (step or phase) per launch: Triton's interpreter runs programs one after another.
         for u in range(n_units):
@@ -278,7 +284,7 @@ def _launch_large(kernel, lay, y, n_units, opts, pointers, strides, meta):
     for dir_base in range(0, lay.dirs, dirs_at_once):
         kernel[grid](*pointers, words, lay.T, lay.B, lay.H, 0, n_units, dir_base, MAX_POLLS, *strides,
                      **meta, USE_BARRIER=True, launch_cooperative_grid=True)
-    _after_launch(words, f"{kernel.__name__} (H={lay.H}, grid={grid}, {lay.dirs // dirs_at_once} launch(es))")
+    _after_launch(words, (kernel.__name__, lay.H, grid, lay.dirs // dirs_at_once))
 
 
 def sequential_directions(layout, dtype, device, opts):
@@ -342,11 +348,16 @@ def _after_launch(words, what):
     large-H launch on the device, or when called). Nothing is queued inside a graph capture."""
     if torch.cuda.is_current_stream_capturing():
         return
-    flag = torch.empty(1, dtype=torch.int32, pin_memory=True)
+    flag = _pinned_flag()
     flag.copy_(words[:1], non_blocking=True)
     event = torch.cuda.Event()
     event.record()
     _PENDING.append((event, flag, words, what))
+
+
+def _pinned_flag():
+    """A pinned host int32 for one launch's error word (from torch's caching host allocator)."""
+    return torch.empty(1, dtype=torch.int32, pin_memory=True)
 
 
 def check_errors(device=None, wait=False):
@@ -361,7 +372,8 @@ def check_errors(device=None, wait=False):
         _PENDING.remove(entry)
         if flag.item():
             _forget(words)
-            raise RuntimeError(f"{what}: a grid-barrier wait gave up after {MAX_POLLS} polls, so the result is "
+            name, H, grid, launches = what
+            raise RuntimeError(f"{name} (H={H}, grid={grid}, {launches} launch(es)): a grid-barrier wait gave up after {MAX_POLLS} polls, so the result is "
                                "invalid. The programs of a barrier group were not all running at once (the GPU "
                                "was shared or preempted?); rerun, or use backend='stepwise'")
 
@@ -385,7 +397,7 @@ def run_barrier_loop(words, n_iters, n_programs, grid_programs=None, patience=MA
             raise RuntimeError(f"barrier_loop_kernel (grid={grid}, group of {n_programs}): a grid-barrier wait "
                                f"gave up after {patience} polls; the group's programs were not all running")
     else:
-        _after_launch(words, f"barrier_loop_kernel (grid={grid}, group of {n_programs})")
+        _after_launch(words, ("barrier_loop_kernel", None, grid, 1))
 
 
 def barrier_latency_us(device=None, n_programs=None, iters=10_000, scheme="flip"):

@@ -9,9 +9,9 @@ Host cost per step: the arguments are bound once per call (config.direct_launche
 passes the same tuple with only the step index changed; benchmarks/host_overhead.py measures it.
 """
 import torch
-import triton
 
-from elman_triton.config import INTERPRETED, accumulator_dtype, direct_launcher, on_device
+from elman_triton.config import (INTERPRETED, accumulator_dtype, cdiv, direct_launcher, next_power_of_2,
+                                 on_device)
 from elman_triton.kernels.stepwise import elman_step_bwd_kernel, elman_step_fwd_kernel
 
 NUM_WARPS = 8  # 4 spills at BB=64 (ptxas, sm_90a; tests/test_compile_sm90.py)
@@ -24,9 +24,9 @@ def block_sizes(B, H):
     W_hh read over the SMs at H ≥ 1024. The interpreter pays per program and per op, so it gets
     the widest tiles.
     """
-    BB = min(64, max(16, triton.next_power_of_2(B)))
+    BB = min(64, max(16, next_power_of_2(B)))
     if INTERPRETED:
-        BN = BK = min(128, max(16, triton.next_power_of_2(H)))
+        BN = BK = min(128, max(16, next_power_of_2(H)))
     else:
         BN, BK = 32, 64
     return BB, BN, BK
@@ -40,7 +40,7 @@ def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
     lay.check(xp, "xp")
     lay.check(y, "y")
     BB, BN, BK = block_sizes(lay.B, lay.H)
-    grid = (triton.cdiv(lay.B, BB), triton.cdiv(lay.H, BN), lay.dirs)
+    grid = (cdiv(lay.B, BB), cdiv(lay.H, BN), lay.dirs)
     head = (xp, y, h0, weight_hh, bias if bias is not None else xp, h_n, lengths)
     tail = (lay.T, lay.B, lay.H, *lay.seq_strides, *h0.stride(), *weight_hh.stride())
     meta = dict(HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT,
@@ -62,7 +62,7 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
     dh_next[..., :lay.H].copy_(dh_n)
     dh = torch.empty_like(dh_next)
     BB, BN, BK = block_sizes(lay.B, lay.H)
-    grid = (triton.cdiv(lay.B, BB), triton.cdiv(lay.H, BK), lay.dirs)
+    grid = (cdiv(lay.B, BB), cdiv(lay.H, BK), lay.dirs)
     meta = dict(HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT, PRECISION=opts.PRECISION,
                 UPCAST=opts.UPCAST, BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS)
 

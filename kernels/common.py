@@ -75,12 +75,15 @@ def matmul(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def step_time(s, T, rev):
-    """The time index of step s and of the step before it: t = s, t_prev = t − 1 forward; t = T−1−s,
-    t_prev = t + 1 when rev (a runtime bool, per direction)."""
-    t = tl.where(rev, T - 1 - s, s)
-    t_prev = tl.where(rev, t + 1, t - 1)
-    return t, t_prev
+def step_index(s, T, rev):
+    """The time index of step s: t = s, or T − 1 − s when rev (a runtime bool, per direction)."""
+    return tl.where(rev, T - 1 - s, s)
+
+
+@triton.jit
+def previous_step(t, rev):
+    """The time index of the step before t: t − 1, or t + 1 when rev."""
+    return tl.where(rev, t + 1, t - 1)
 
 
 @triton.jit

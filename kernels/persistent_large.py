@@ -45,7 +45,8 @@ import triton
 import triton.language as tl
 
 from .barrier import WORD_STRIDE, group_barrier, read_phase
-from .common import activation, activation_grad, is_last_step, load_state, matmul_split_k, row_lengths, step_time
+from .common import (activation, activation_grad, is_last_step, load_state, matmul_split_k, previous_step,
+                     row_lengths, step_index)
 
 
 @triton.jit(do_not_specialize=["T", "unit_begin", "unit_end", "dir_base", "patience"])
@@ -80,7 +81,8 @@ def elman_persistent_large_fwd_kernel(
     p_hn = p_hn + i_d * B * H
 
     for s in range(unit_begin, unit_end):
-        t, t_prev = step_time(s, T, rev)
+        t = step_index(s, T, rev)
+        t_prev = previous_step(t, rev)
         p_prev = p_y + o_d + tl.minimum(tl.maximum(t_prev, 0), T - 1).to(tl.int64) * stride_y_t
         for i_b in range(i_g, tl.cdiv(B, BB), n_group):
             o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
@@ -140,7 +142,7 @@ def elman_persistent_large_bwd_kernel(
     p_dh = p_dh + i_d * stride_dh_d
 
     for u in range(unit_begin, unit_end):
-        t, _ = step_time(u // 2, T, rev == 0)  # the forward's steps in reverse
+        t = step_index(u // 2, T, rev == 0)  # the forward's steps in reverse
         o_t = t.to(tl.int64) * stride_y_t
         for i_b in range(i_g, tl.cdiv(B, BB), n_group):
             o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]

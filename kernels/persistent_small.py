@@ -22,7 +22,7 @@ The state is rounded to the storage dtype only as the dot operand, as it would b
 import triton
 import triton.language as tl
 
-from .common import activation, activation_grad, matmul, row_lengths, step_time
+from .common import activation, activation_grad, matmul, row_lengths, step_index
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -56,7 +56,7 @@ def elman_persistent_small_fwd_kernel(
     o_seq = i_d * stride_y_d + o_b[:, None] * stride_y_b + o_h[None, :]  # [BB, BH] within one step
     m_store = m_b[:, None] & (o_h < stride_y_d)[None, :]  # the padding columns get their zeros too
     for s in range(0, T):
-        t, _ = step_time(s, T, rev)
+        t = step_index(s, T, rev)
         o_t = t.to(tl.int64) * stride_y_t + o_seq
         b_xp = tl.load(p_xp + o_t, mask=m_bh, other=0.0).to(acc_ty)
         z = matmul(b_h.to(p_w.dtype.element_ty), b_wt, PRECISION, UPCAST) + b_xp + b_bias[None, :]
@@ -97,7 +97,7 @@ def elman_persistent_small_bwd_kernel(
     p_dy = p_dy + i_d * stride_dy_d + o_b[:, None] * stride_dy_b + o_h[None, :] * stride_dy_h
     m_store = m_b[:, None] & (o_h < stride_y_d)[None, :]
     for s in range(0, T):
-        t, _ = step_time(s, T, rev == 0)  # the forward's steps in reverse
+        t = step_index(s, T, rev == 0)  # the forward's steps in reverse
         t64 = t.to(tl.int64)
         b_dy = tl.load(p_dy + t64 * stride_dy_t, mask=m_bh, other=0.0).to(b_dh.dtype)
         b_h = tl.load(p_y + t64 * stride_y_t + o_seq, mask=m_bh, other=0.0).to(b_dh.dtype)

@@ -37,7 +37,8 @@ every step but s. Accumulation and the carried dh are fp32 (fp64 for fp64 storag
 import triton
 import triton.language as tl
 
-from .common import activation, activation_grad, is_last_step, load_state, matmul, row_lengths, step_time
+from .common import (activation, activation_grad, is_last_step, load_state, matmul, previous_step, row_lengths,
+                     step_index)
 
 
 @triton.jit(do_not_specialize=["s", "T"])
@@ -53,7 +54,8 @@ def elman_step_fwd_kernel(
 ):
     i_b, i_n, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rev = (i_d == 1) != REVERSE
-    t, t_prev = step_time(s, T, rev)
+    t = step_index(s, T, rev)
+    t_prev = previous_step(t, rev)
     o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)  # [BN]
     m_b, m_n = o_b < B, o_n < H
@@ -102,7 +104,7 @@ def elman_step_bwd_kernel(
     """dz shares y's layout; dh_next / dh are the (dirs, B, ·) fp32 (fp64) carry buffers."""
     i_b, i_k, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rev = (i_d == 1) != REVERSE
-    t, _ = step_time(s, T, rev == 0)  # the backward walks the forward's steps in reverse
+    t = step_index(s, T, rev == 0)  # the backward walks the forward's steps in reverse
     t64 = t.to(tl.int64)
     o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
     o_k = (i_k * BK + tl.arange(0, BK)).to(tl.int64)  # [BK]
@@ -128,7 +130,7 @@ def elman_step_bwd_kernel(
     for n0 in range(0, H, BN):
         o_n = (n0 + tl.arange(0, BN)).to(tl.int64)  # [BN]
         m_n = o_n < H
-        b_dz_n, _ = _dz_tile(p_dy, p_dh_next, p_y, o_b, o_n, m_b[:, None] & m_n[None, :], active,
+        b_dz_n, b_dh_n = _dz_tile(p_dy, p_dh_next, p_y, o_b, o_n, m_b[:, None] & m_n[None, :], active,
                              stride_dy_b, stride_dy_h, stride_y_b, stride_dh_b, ACT)  # [BB, BN]
         p_wn = p_w + o_n[:, None] * stride_w_n + o_k[None, :] * stride_w_k
         b_w = tl.load(p_wn, mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BN, BK]

@@ -111,9 +111,9 @@ def test_a_timed_out_launch_raises_at_the_next_check_and_drops_its_buffer(fake_c
     words = persistent._barrier_words(cpu, 1)
     flag = torch.tensor([barrier.ERROR_TIMEOUT.value], dtype=torch.int32)
     done = SimpleNamespace(query=lambda: True, synchronize=lambda: None)
-    persistent._PENDING.append((done, flag, words, "elman_persistent_large_fwd_kernel (H=1024, grid=(64, 1, 1))"))
-    with pytest.raises(RuntimeError, match=r"elman_persistent_large_fwd_kernel \(H=1024, grid=\(64, 1, 1\)\): "
-                                           r"a grid-barrier wait gave up"):
+    persistent._PENDING.append((done, flag, words, ("elman_persistent_large_fwd_kernel", 1024, (64, 1, 1), 1)))
+    with pytest.raises(RuntimeError, match=r"elman_persistent_large_fwd_kernel \(H=1024, grid=\(64, 1, 1\), 1 launch"
+                                           r"\(es\)\): a grid-barrier wait gave up"):
         persistent._barrier_words(cpu, 1)
     assert persistent._PENDING == [] and persistent._barrier_words(cpu, 1) is not words
 
