@@ -42,9 +42,7 @@ class ElmanRNN(nn.RNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
                  backend="auto"):
-        # nn.RNN.__init__'s own check and message, before RNNBase checks the rest.
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        _check_nonlinearity(nonlinearity)  # as nn.RNN.__init__, before RNNBase checks the rest
         _check_backend(backend)
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size, hidden_size,
                          num_layers, bias, batch_first, dropout, bidirectional, device=device, dtype=dtype)
@@ -140,8 +138,7 @@ class ElmanRNNCell(nn.RNNCell):
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *,
                  backend="auto"):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        _check_nonlinearity(nonlinearity)
         _check_backend(backend)
         super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
         self.backend = backend
@@ -259,6 +256,12 @@ def _cast_like_autocast(x, hx, weights):
             raise RuntimeError(f"{name} has dtype {t.dtype} on {t.device} but input has dtype {x.dtype} "
                                f"on {x.device}; they must match")
     return x, hx, weights, context
+
+
+def _check_nonlinearity(nonlinearity):
+    """nn.RNN's check and message."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
 
 
 def _check_backend(backend):
