@@ -18,7 +18,6 @@ batch: how much of the loss's gradient reaches the step that holds the first mar
     python examples/adding_problem.py --quick         # small CPU run, under a minute
     python examples/adding_problem.py --T 100 --budget-minutes 45   # stop each run at its share of 45 min
 """
-import json
 import math
 import os
 import sys
@@ -83,11 +82,7 @@ def train(name, T, args, test, deadline):
     generator = torch.Generator().manual_seed(args.seed + T)
     for step in bar:
         x, target = make_batch(T, args.batch, generator, args.device)
-        loss = nn.functional.mse_loss(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
+        _common.optimize(optimizer, nn.functional.mse_loss(model(x), target), model, args.clip)
         if step % args.eval_every == 0 or step + 1 == args.steps or time.time() > deadline:
             with torch.no_grad():
                 test_mse = nn.functional.mse_loss(model(test[0]), test[1]).item()
@@ -118,10 +113,8 @@ def report(results, args, out):
                 f"{args.test_size} test sequences, seed {args.seed}, backend {args.backend!r} on {args.device}; "
                 f"budget {args.budget_minutes} min for all runs together, else {args.steps} steps each. "
                 f"Baseline (always predict 1): MSE {BASELINE:.3f}.")
-    _common.write_markdown(out, "adding_problem.md", "Adding problem", [settings, (header, rows)])
-    with open(os.path.join(out, "adding_problem.json"), "w") as f:
-        json.dump(dict(args=vars(args), machine=_common.machine(), results=results), f)
-    plt = _common.pyplot()
+    plt = _common.write_results(out, "adding_problem", "Adding problem", [settings, (header, rows)],
+                                dict(args=vars(args), results=results))
     if plt is None:
         return
     Ts = sorted({r["T"] for r in results})
@@ -149,11 +142,7 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="T ∈ {150, 200, 300, 400}, as in Le et al. 2015")
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--steps", type=int, default=100_000, help="training steps per model and T (at most)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-    p.add_argument("--eval-every", type=int, default=250)
+    _common.training_flags(p, steps=100_000, batch=16, lr=1e-3, eval_every=250)
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="wall-clock budget for all runs together, split evenly; each run stops at its share")

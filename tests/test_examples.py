@@ -4,8 +4,6 @@ import importlib.util
 import math
 import os
 
-import pytest
-
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 BASELINE = 1 / 6  # the adding problem's MSE when always predicting 1
 
