@@ -114,6 +114,15 @@ def test_compiled_module_matches_eager(backend, case, device):
     assert_all_close(compiled, eager)
 
 
+def test_compiled_module_checks_hx_batch_of_sorted_packed_input(device):
+    """Compiled, a sorted PackedSequence takes B from hx's shape, and checks it against batch_sizes[0]
+    in the graph (eagerly, nn.RNN's own check raises)."""
+    model = torch.compile(ElmanRNN(D, H, backend="stepwise", dtype=F64, device=device), fullgraph=True)
+    packed = pack_padded_sequence(torch.randn(T, B, D, dtype=F64, device=device), [T, T - 2, 1])
+    with pytest.raises(RuntimeError, match="hx's batch size does not match"):
+        model(packed, torch.randn(1, B - 1, H, dtype=F64, device=device))
+
+
 @pytest.mark.parametrize("backend", ["auto", "stepwise"])
 def test_compiled_cell_sampling_loop_matches_eager(backend, device):
     """A compiled (fullgraph) loop of ElmanRNNCell steps that feeds each step's output back as the next
