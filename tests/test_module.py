@@ -297,11 +297,10 @@ def test_autocast(backend, device_type):
 
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_is_an_rnn_base_with_nn_rnn_attributes(nonlinearity):
-    """ElmanRNN derives from nn.RNNBase, not nn.RNN (Dynamo refuses to trace nn.RNN), and carries every
-    attribute an nn.RNN has, with the same values, plus `backend`."""
-    kwargs = dict(num_layers=2, nonlinearity=nonlinearity, bias=False, batch_first=True, dropout=0.25,
-                  bidirectional=True)
-    ours, ref = ElmanRNN(D, H, **kwargs), nn.RNN(D, H, **kwargs)
+    """ElmanRNN derives from nn.RNNBase, not nn.RNN (Dynamo refuses to trace nn.RNN), takes nn.RNN's
+    positional arguments and carries every attribute an nn.RNN has, with the same values, plus `backend`."""
+    args = (D, H, 2, nonlinearity, False, True, 0.25, True)  # positional, in nn.RNN's order
+    ours, ref = ElmanRNN(*args), nn.RNN(*args)
     assert isinstance(ours, nn.RNNBase) and not isinstance(ours, nn.RNN)
     assert vars(ours).keys() - {"backend"} == vars(ref).keys()
     for name in ("mode", "nonlinearity", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
