@@ -7,12 +7,14 @@ module. So construction checks, parameter names, shapes, registration order, def
 dicts, pickling and input checks are still torch's own code, and `isinstance(m, nn.RNN)` is False
 (`isinstance(m, nn.RNNBase)` is True). ElmanRNNCell derives from nn.RNNCell, which Dynamo traces.
 
-Every recurrence runs in elman_triton.elman_rnn, picked by `backend`; ElmanRNN._layer is the one place
-that calls it.
+Every recurrence runs in elman_triton.elman_rnn, picked by `backend`; in ElmanRNN, _layer is the one
+place that calls it.
 
 Variable lengths (PackedSequence) run as one padded, length-sorted batch, with no per-sequence Python
-loop and no .item()/.tolist() on batch_sizes (torch.compile could not trace them): index tensors built
-from batch_sizes move the packed rows into a (T, B, ·) batch and back (_PackedBatch).
+loop: index tensors built from batch_sizes move the packed rows into a (T, B, ·) batch and back
+(_PackedBatch), where pad_packed_sequence / pack_padded_sequence would stop torch.compile (Dynamo skips
+them). B comes from a shape where one tells it (_packed_batch_size), so the graph has no data-dependent
+size except for a sorted PackedSequence without hx.
   * forward direction: padding sits after each row's valid steps, so it cannot reach valid outputs;
     h_n is gathered at each row's last valid step.
   * reverse direction: a per-row time-reversal index (t -> len_b-1-t for t < len_b, padding in place)
