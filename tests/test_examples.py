@@ -24,7 +24,9 @@ def test_adding_problem(tmp_path):
     assert [r["model"] for r in results] == ["tanh", "tanh-orth", "irnn"]
     for r in results:
         assert r["curve"][0][2] > BASELINE and r["final_mse"] < 0.8 * BASELINE, r["model"]
-        assert len(r["grads"]["trained"]) == 10 and all(g > 0 for g in r["grads"]["trained"])
+        steps, norms = zip(*r["grad_history"])  # recorded at every evaluation
+        assert steps == tuple(c[0] for c in r["curve"]) and steps[0] == 0 and steps[-1] == 600
+        assert all(len(n) == 10 and min(n) > 0 for n in norms)
     assert min(r["final_mse"] for r in results) < 0.5 * BASELINE
 
 
