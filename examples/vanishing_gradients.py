@@ -28,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from adding_problem import Adder, make_batch, state_gradients  # noqa: E402
+from adding_problem import Adder, evaluate, make_batch  # noqa: E402
 
 from elman_triton import init  # noqa: E402
 
@@ -63,9 +63,7 @@ def study(act, rho, args, test, generator):
             for _ in _common.progress(args.steps, f"train {act} ρ={rho}"):
                 x, target = make_batch(args.T, args.batch, generator, args.device)
                 _common.optimize(optimizer, nn.functional.mse_loss(model(x), target), model, args.clip)
-        with torch.no_grad():
-            mse = nn.functional.mse_loss(model(test[0]), test[1]).item()
-        norms = state_gradients(model, *test)
+        mse, norms = evaluate(model, *test)
         sigma = torch.linalg.svdvals(model.rnn.weight_hh_l0.detach().double()).max().item()
         bound = GAMMA[act] * sigma
         fitted, worst = decay_rates(norms)
