@@ -120,6 +120,21 @@ def test_op_fills_state_grad_norms(backend, reverse, device):
         assert rel_err(norms, torch.stack([s.grad.norm(dim=1) for s in states])) < max(TOL, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_gradients_do_not_underflow(backend, device):
+    """Gradients near 1e-25 (far down a vanishing gradient) have fp32 squares below fp32's range: the norm
+    is summed in float64, so it is still right rather than 0."""
+    problem = make_problem(4, 3, 2, 5, device=device)
+    w_y = torch.randn(4, 3, 5, device=device)
+    norms = torch.zeros(4, 3, device=device)
+    y, _ = elman_rnn(*(problem[n] for n in INPUT_NAMES), backend=backend, state_grad_norms=norms)
+    ((y * w_y).sum() * 1e-25).backward()
+    unscaled = torch.zeros(4, 3, device=device)
+    y, _ = elman_rnn(*(problem[n] for n in INPUT_NAMES), backend=backend, state_grad_norms=unscaled)
+    (y * w_y).sum().backward()
+    assert (norms > 0).all() and rel_err(norms.double() * 1e25, unscaled) < 1e-5
+
+
 def test_state_gradient_norms_with_lengths():
     """The lengths parameter (for kernels that run variable lengths themselves): row b's last step is
     lengths[b]-1 forward (where dh_n enters), 0 in reverse; steps past it are zero whatever they hold."""
