@@ -323,3 +323,18 @@ def test_host_overhead_script_times_the_launchers():
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| stepwise")
             or line.startswith("| persistent")]
     assert len(rows) == 4 and all(math.isfinite(float(r[2])) for r in rows), proc.stdout  # per-step: a difference
+
+
+def test_runs_without_the_bench_extras(monkeypatch, tmp_path, capsys):
+    """A GPU image without network may lack tqdm and matplotlib: the sweep prints its progress
+    instead, and the run writes everything but the plots."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    shapes = [Shape("fp32", 4, 2, 16, 16), Shape("fp32", 4, 2, 32, 32)]
+    assert list(sweep.progress(shapes, lambda s: f"H={s.H}")) == shapes
+    assert "sweep 2/2: H=32" in capsys.readouterr().out
+    assert report.write_plots(tmp_path, []) is None
+    status = cli.main(["--out", str(tmp_path), *TINY, "--providers", "eager", "--modes", "forward",
+                       "--no-module-rows"])
+    assert status == 0 and (tmp_path / "summary.md").exists() and not list(tmp_path.glob("*.png"))
+    assert "no plots (matplotlib is not installed)" in capsys.readouterr().out
