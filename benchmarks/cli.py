@@ -152,7 +152,8 @@ def report_to_stdout(rows, targets, providers, out, plots, device, modules=()):
         print(line)
     for r in failed_modules + [r for r in modules if r["status"] == "error"]:
         print(f"{r['status'].upper()}: module {r['case']} {r['provider']} {r['mode']}: {r['reason']}")
-    print(f"wrote {out}/results.json, results.csv, summary.md, " + ", ".join(p.name for p in plots))
+    print(f"wrote {out}/results.json, results.csv, summary.md, "
+          + (", ".join(p.name for p in plots) if plots is not None else "no plots (matplotlib is not installed)"))
     gating = [r for r in failed + failed_modules if r["provider"] in ours]
     if gating:
         print(f"FAILED: {len(gating)} rows of this project's providers failed verification", file=sys.stderr)

@@ -91,7 +91,7 @@ def phase_environment(args):
     env = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
            "dry_run": args.dry_run, "device": "CPU (dry run)" if device.type != "cuda" else torch.cuda.get_device_name()}
-    for module in ("numpy", "xdist", "pytest_timeout"):
+    for module in ("numpy", "xdist", "pytest_timeout", "tqdm", "matplotlib"):
         try:
             env[module] = getattr(__import__(module), "__version__", "installed")
         except ImportError:

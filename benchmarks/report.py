@@ -354,8 +354,12 @@ def _preferred(values, preferred):
 def write_plots(out_dir, rows):
     """speedup_by_hidden.png (geomean over B of the speedup over nn.RNN, per H) and
     step_latency_by_batch.png (per-step latency against B), one panel per mode, at the run's bf16
-    (else largest-name) dtype and T=1024 (else the longest T)."""
-    import matplotlib
+    (else largest-name) dtype and T=1024 (else the longest T). None where matplotlib (an extra) is not
+    installed, as on a GPU image without network: the figures are all in results.json."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 

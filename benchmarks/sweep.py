@@ -4,7 +4,6 @@ import itertools
 from dataclasses import asdict, dataclass
 
 import torch
-from tqdm import tqdm
 
 from benchmarks.measure import ROW_METADATA, cache_and_budget, make_timer, peak_training_memory, rotation_count
 from benchmarks.providers import Shape, make_problem, one_line
@@ -198,14 +197,28 @@ def _measure(provider, problems, mode, timer):
         return {"status": "error", "reason": f"verified, then raised while timing: {one_line(e)}"}
 
 
+def progress(shapes, label):
+    """Iterate over shapes with a tqdm bar, or one printed line per shape where tqdm (an extra) is
+    not installed, as on a GPU image without network."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        for i, shape in enumerate(shapes):
+            print(f"sweep {i + 1}/{len(shapes)}: {label(shape)}", flush=True)
+            yield shape
+        return
+    bar = tqdm(shapes, desc="sweep", unit="shape")
+    for shape in bar:
+        bar.set_postfix_str(label(shape))
+        yield shape
+
+
 def run_sweep(config, metadata, checkpoint=None):
     """Rows of the whole sweep, each carrying the run's metadata, with a progress bar over shapes.
     checkpoint(rows) is called after every shape, so a run cut short still leaves what it measured."""
     timer = make_timer(config.device, config.rep_ms)
     rows = []
-    bar = tqdm(config.shapes, desc="sweep", unit="shape")
-    for shape in bar:
-        bar.set_postfix_str(f"{shape.dtype} T={shape.T} B={shape.B} H={shape.H} D={shape.D}")
+    for shape in progress(config.shapes, lambda s: f"{s.dtype} T={s.T} B={s.B} H={s.H} D={s.D}"):
         try:
             shape_rows = run_shape(shape, config, timer)
         except Exception as e:  # e.g. out of memory making the inputs: report the shape, go on

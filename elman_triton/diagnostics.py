@@ -178,7 +178,7 @@ def _write_norms(dy, dz, dh_n, weight_hh, reverse, out, lengths):
         rows = torch.arange(B, device=dz.device)
         g.index_put_((last, rows), dh_n.to(dtype), accumulate=True)
         g *= valid
-    out.copy_(torch.linalg.vector_norm(g, dim=2))
+    out.copy_(torch.linalg.vector_norm(g, dim=2, dtype=torch.float64))  # fp32 squares underflow below 1e-19
 
 
 @torch.library.custom_op("elman_triton::state_gradient_norms", mutates_args=("out",))

@@ -7,12 +7,14 @@ module. So construction checks, parameter names, shapes, registration order, def
 dicts, pickling and input checks are still torch's own code, and `isinstance(m, nn.RNN)` is False
 (`isinstance(m, nn.RNNBase)` is True). ElmanRNNCell derives from nn.RNNCell, which Dynamo traces.
 
-Every recurrence runs in elman_triton.elman_rnn, picked by `backend`; ElmanRNN._layer is the one place
-that calls it.
+Every recurrence runs in elman_triton.elman_rnn, picked by `backend`; in ElmanRNN, _layer is the one
+place that calls it.
 
 Variable lengths (PackedSequence) run as one padded, length-sorted batch, with no per-sequence Python
-loop and no .item()/.tolist() on batch_sizes (torch.compile could not trace them): index tensors built
-from batch_sizes move the packed rows into a (T, B, ·) batch and back (_PackedBatch).
+loop: index tensors built from batch_sizes move the packed rows into a (T, B, ·) batch and back
+(_PackedBatch), where pad_packed_sequence / pack_padded_sequence would stop torch.compile (Dynamo skips
+them). B comes from a shape where one tells it (_packed_batch_size), so the graph has no data-dependent
+size except for a sorted PackedSequence without hx.
   * forward direction: padding sits after each row's valid steps, so it cannot reach valid outputs;
     h_n is gathered at each row's last valid step.
   * reverse direction: a per-row time-reversal index (t -> len_b-1-t for t < len_b, padding in place)
@@ -42,9 +44,7 @@ class ElmanRNN(nn.RNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
                  backend="auto"):
-        # nn.RNN.__init__'s own check and message, before RNNBase checks the rest.
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        _check_nonlinearity(nonlinearity)  # as nn.RNN.__init__, before RNNBase checks the rest
         _check_backend(backend)
         super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size, hidden_size,
                          num_layers, bias, batch_first, dropout, bidirectional, device=device, dtype=dtype)
@@ -140,8 +140,7 @@ class ElmanRNNCell(nn.RNNCell):
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *,
                  backend="auto"):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        _check_nonlinearity(nonlinearity)
         _check_backend(backend)
         super().__init__(input_size, hidden_size, bias, nonlinearity, device=device, dtype=dtype)
         self.backend = backend
@@ -259,6 +258,12 @@ def _cast_like_autocast(x, hx, weights):
             raise RuntimeError(f"{name} has dtype {t.dtype} on {t.device} but input has dtype {x.dtype} "
                                f"on {x.device}; they must match")
     return x, hx, weights, context
+
+
+def _check_nonlinearity(nonlinearity):
+    """nn.RNN's check and message."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
 
 
 def _check_backend(backend):

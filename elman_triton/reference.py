@@ -45,6 +45,6 @@ def elman_rnn_reference(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None,
 def _norm_writer(out, t, active):
     """A hook on step t's state: the norm of its total gradient (0 for rows past their length)."""
     def write(grad):
-        norms = torch.linalg.vector_norm(grad, dim=1)
+        norms = torch.linalg.vector_norm(grad, dim=1, dtype=torch.float64)  # fp32 squares underflow below 1e-19
         out[t] = norms if active is None else torch.where(active[:, 0], norms, 0.0)
     return write

@@ -5,6 +5,7 @@ progress is printed every tenth of the run, without matplotlib no PNG is written
 table still is).
 """
 import argparse
+import json
 import os
 import platform
 import sys
@@ -24,6 +25,24 @@ def parser(description):
     p.add_argument("--backend", default="auto", help="elman_rnn backend: auto, stepwise, persistent or reference")
     p.add_argument("--seed", type=int, default=0)
     return p
+
+
+def training_flags(p, steps, batch, lr, eval_every=None):
+    """The optimisation flags the training examples share (Adam, gradient norm clipping)."""
+    p.add_argument("--steps", type=int, default=steps, help="training steps")
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    if eval_every is not None:
+        p.add_argument("--eval-every", type=int, default=eval_every, help="steps between evaluations")
+
+
+def optimize(optimizer, loss, model, clip):
+    """One training step: backward, clip the gradient norm, update."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
 
 
 def parse(p, argv, quick):
@@ -90,6 +109,15 @@ def save_figure(fig, out, name):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def write_results(out, name, title, sections, record):
+    """<name>.md (see write_markdown) and <name>.json (record plus the machine); returns pyplot() for the
+    figure, or None."""
+    write_markdown(out, f"{name}.md", title, sections)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(dict(record, machine=machine()), f)
+    return pyplot()
 
 
 def write_markdown(out, name, title, sections):

@@ -10,15 +10,15 @@ Three models with H = 100 units, read out linearly from the last state, as in Le
   tanh-orth   tanh with W_hh orthogonal at spectral radius 1 (elman_triton.init.orthogonal_)
   irnn        relu with W_hh = I, zero biases, W_ih ~ N(0, 1e-3²) (elman_triton.init.irnn_)
 The expectation from the paper: the IRNN drives the MSE far under 0.167, tanh with default init
-stays near it. While training, record_state_gradients records ‖∂L/∂h_t‖ for every step t of a test
-batch: how much of the loss's gradient reaches the step that holds the first marked value.
+stays near it. At every evaluation, record_state_gradients records ‖∂L/∂h_t‖ of the test loss for every
+step t: how much of the loss's gradient reaches the step that holds the first marked value, as
+training runs.
 
     python examples/adding_problem.py                 # T = 150 (on a GPU; the published scale)
     python examples/adding_problem.py --full          # T ∈ {150, 200, 300, 400}
     python examples/adding_problem.py --quick         # small CPU run, under a minute
     python examples/adding_problem.py --T 100 --budget-minutes 45   # stop each run at its share of 45 min
 """
-import json
 import math
 import os
 import sys
@@ -62,12 +62,14 @@ class Adder(nn.Module):
         return self.head(h_n[-1]).squeeze(1)
 
 
-def state_gradients(model, x, target):
-    """‖∂L/∂h_t‖ of the test loss for every step t (a Python list), from the backward of that loss."""
+def evaluate(model, x, target):
+    """The test MSE and ‖∂L/∂h_t‖ of the test loss for every step t (a list), from one forward and
+    backward (the parameters' gradients it leaves are cleared)."""
     with record_state_gradients(model.rnn) as rec:
-        nn.functional.mse_loss(model(x), target).backward()
-    model.zero_grad()
-    return rec.norms[0].tolist()
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return loss.item(), rec.norms[0].tolist()
 
 
 def train(name, T, args, test, deadline):
@@ -78,26 +80,27 @@ def train(name, T, args, test, deadline):
     elif name == "tanh-orth":
         init.orthogonal_(model.rnn, spectral_radius=1.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
-    curve, grads = [], {"init": state_gradients(model, *test)}
-    start, bar, step = time.time(), _common.progress(args.steps, f"{name} T={T}"), 0
+    curve, grad_history = [], []  # (step, seconds, test MSE), (step, ‖∂L/∂h_t‖ for every t)
+
+    def record(step):
+        test_mse, norms = evaluate(model, *test)
+        curve.append((step, time.time() - start, test_mse))
+        grad_history.append((step, norms))
+        return test_mse
+
+    start, bar = time.time(), _common.progress(args.steps, f"{name} T={T}")
+    record(0)
     generator = torch.Generator().manual_seed(args.seed + T)
     for step in bar:
         x, target = make_batch(T, args.batch, generator, args.device)
-        loss = nn.functional.mse_loss(model(x), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
-        if step % args.eval_every == 0 or step + 1 == args.steps or time.time() > deadline:
-            with torch.no_grad():
-                test_mse = nn.functional.mse_loss(model(test[0]), test[1]).item()
-            curve.append((step + 1, time.time() - start, test_mse))
+        _common.optimize(optimizer, nn.functional.mse_loss(model(x), target), model, args.clip)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps or time.time() > deadline:
+            test_mse = record(step + 1)
             bar.set_postfix_str(f"test MSE {test_mse:.4f}")
             if time.time() > deadline or not math.isfinite(test_mse):
                 break
     bar.close()
-    grads["trained"] = state_gradients(model, *test)
-    return dict(model=name, T=T, steps=curve[-1][0], seconds=curve[-1][1], curve=curve, grads=grads,
+    return dict(model=name, T=T, steps=curve[-1][0], seconds=curve[-1][1], curve=curve, grad_history=grad_history,
                 final_mse=curve[-1][2], best_mse=min(c[2] for c in curve))
 
 
@@ -111,35 +114,36 @@ def report(results, args, out):
     for r in results:
         rows.append([r["model"], r["T"], r["steps"], f"{r['seconds']:.0f}", f"{r['final_mse']:.4f}",
                      f"{r['best_mse']:.4f}", f"{r['final_mse'] / BASELINE:.3f}",
-                     f"{gradient_ratio(r['grads']['init']):.2e}", f"{gradient_ratio(r['grads']['trained']):.2e}"])
+                     f"{gradient_ratio(r['grad_history'][0][1]):.2e}", f"{gradient_ratio(r['grad_history'][-1][1]):.2e}"])
     header = ["model", "T", "steps", "seconds", "test MSE (final)", "test MSE (best)", "final / 0.167",
               "‖∂L/∂h_0‖ / ‖∂L/∂h_T-1‖ at init", "… after training"]
     settings = (f"H = {args.hidden}, batch {args.batch}, Adam lr {args.lr}, gradient norm clipped at {args.clip}, "
                 f"{args.test_size} test sequences, seed {args.seed}, backend {args.backend!r} on {args.device}; "
                 f"budget {args.budget_minutes} min for all runs together, else {args.steps} steps each. "
                 f"Baseline (always predict 1): MSE {BASELINE:.3f}.")
-    _common.write_markdown(out, "adding_problem.md", "Adding problem", [settings, (header, rows)])
-    with open(os.path.join(out, "adding_problem.json"), "w") as f:
-        json.dump(dict(args=vars(args), machine=_common.machine(), results=results), f)
-    plt = _common.pyplot()
+    plt = _common.write_results(out, "adding_problem", "Adding problem", [settings, (header, rows)],
+                                dict(args=vars(args), results=results))
     if plt is None:
         return
     Ts = sorted({r["T"] for r in results})
-    fig, axes = plt.subplots(2, len(Ts), figsize=(6 * len(Ts), 8), squeeze=False)
+    fig, axes = plt.subplots(3, len(Ts), figsize=(6 * len(Ts), 12), squeeze=False)
     for col, T in enumerate(Ts):
-        top, bottom = axes[0, col], axes[1, col]
+        top, middle, bottom = axes[:, col]
         for r in (r for r in results if r["T"] == T):
             steps, _, mse = zip(*r["curve"])
             line, = top.plot(steps, mse, label=r["model"])
-            for stage, style in (("init", ":"), ("trained", "-")):
-                bottom.semilogy(range(T), r["grads"][stage], style, color=line.get_color(),
-                                label=f"{r['model']} ({stage})")
+            middle.semilogy(steps, [gradient_ratio(norms) for _, norms in r["grad_history"]], color=line.get_color(),
+                            label=r["model"])
+            for (step, norms), style in ((r["grad_history"][0], ":"), (r["grad_history"][-1], "-")):
+                bottom.semilogy(range(T), norms, style, color=line.get_color(), label=f"{r['model']}, step {step}")
         top.axhline(BASELINE, color="gray", ls="--", label="predict 1 (0.167)")
         top.set(title=f"adding problem, T = {T}, H = {args.hidden}", xlabel="training step", ylabel="test MSE",
                 ylim=(0, 0.5))
-        bottom.set(title="‖∂L/∂h_t‖ on a test batch", xlabel="t", ylabel="norm")
-        top.legend()
-        bottom.legend(fontsize=7)
+        middle.set(title="gradient reaching the first step, while training", xlabel="training step",
+                   ylabel="‖∂L/∂h_0‖ / ‖∂L/∂h_T-1‖")
+        bottom.set(title="‖∂L/∂h_t‖ of the test loss, at init and at the end", xlabel="t", ylabel="norm")
+        for ax in axes[:, col]:
+            ax.legend(fontsize=7)
     _common.save_figure(fig, out, "adding_problem.png")
 
 
@@ -149,11 +153,7 @@ def main(argv=None):
     p.add_argument("--full", action="store_true", help="T ∈ {150, 200, 300, 400}, as in Le et al. 2015")
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    p.add_argument("--steps", type=int, default=100_000, help="training steps per model and T (at most)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-    p.add_argument("--eval-every", type=int, default=250)
+    _common.training_flags(p, steps=100_000, batch=16, lr=1e-3, eval_every=250)
     p.add_argument("--test-size", type=int, default=1000)
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="wall-clock budget for all runs together, split evenly; each run stops at its share")

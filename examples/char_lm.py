@@ -10,7 +10,6 @@ character at a time. The script checks that the cells reproduce the module's sta
     python examples/char_lm.py --quick    # a small CPU run, under a minute
 """
 import glob
-import json
 import math
 import os
 import sys
@@ -105,11 +104,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--T", type=int, default=100, help="training sequence length (truncated BPTT)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--steps", type=int, default=5000)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=250)
+    _common.training_flags(p, steps=5000, batch=64, lr=2e-3, eval_every=250)
     p.add_argument("--sample-length", type=int, default=400)
     p.add_argument("--temperature", type=float, default=0.8)
     args = _common.parse(p, argv, quick=dict(chars=200_000, embed=16, hidden=64, T=32, batch=32, steps=200,
@@ -137,11 +132,8 @@ def main(argv=None):
     for step in bar:
         inputs, targets = batch(train_data, args.T, args.batch, generator, args.device)
         logits, _ = model(inputs)
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
+        _common.optimize(optimizer, nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()), model,
+                         args.clip)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append((step + 1, valid_loss()))
             bar.set_postfix_str(f"valid loss {curve[-1][1]:.3f} nats/char")
@@ -160,14 +152,12 @@ def main(argv=None):
                 f"{args.backend!r} on {args.device}. Uniform guess: {math.log(len(vocab)):.3f} nats/char.")
     rows = [["validation loss (nats/char)", f"{curve[0][1]:.3f}", f"{curve[-1][1]:.3f}"],
             ["bits/char", f"{curve[0][1] / math.log(2):.3f}", f"{curve[-1][1] / math.log(2):.3f}"]]
-    _common.write_markdown(out, "char_lm.md", "Character language model", [
+    result = dict(curve=curve, sample=text_out, cell_mismatch=mismatch)
+    plt = _common.write_results(out, "char_lm", "Character language model", [
         settings, (["", "start", "end"], rows),
         f"Cells vs module on the prompt: max |Δh| = {mismatch:.1e}.",
-        f"Sample (temperature {args.temperature}), from the prompt {prompt!r}:", "```\n" + text_out + "\n```"])
-    with open(os.path.join(out, "char_lm.json"), "w") as f:
-        json.dump(dict(args=vars(args), machine=_common.machine(), curve=curve, sample=text_out,
-                       cell_mismatch=mismatch), f)
-    plt = _common.pyplot()
+        f"Sample (temperature {args.temperature}), from the prompt {prompt!r}:", "```\n" + text_out + "\n```"],
+        dict(result, args=vars(args)))
     if plt is not None:
         fig, ax = plt.subplots(figsize=(6, 4))
         steps, losses = zip(*curve)
@@ -176,7 +166,7 @@ def main(argv=None):
         ax.set(title="character LM on stdlib sources", xlabel="training step", ylabel="validation loss (nats/char)")
         ax.legend()
         _common.save_figure(fig, out, "char_lm.png")
-    return dict(curve=curve, sample=text_out, cell_mismatch=mismatch)
+    return result
 
 
 if __name__ == "__main__":

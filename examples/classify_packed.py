@@ -10,7 +10,6 @@ padding never reaches the states.
     python examples/classify_packed.py            # lengths 20..200, H = 128, 2 layers (GPU scale)
     python examples/classify_packed.py --quick    # lengths 4..24, under a minute on CPU
 """
-import json
 import math
 import os
 import sys
@@ -66,11 +65,7 @@ def train(bidirectional, args, test):
     bar = _common.progress(args.steps, name)
     for step in bar:
         x, lengths, labels = make_batch(args.batch, args.vocab, args.min_len, args.max_len, generator, args.device)
-        loss = nn.functional.cross_entropy(model(x, lengths), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        optimizer.step()
+        _common.optimize(optimizer, nn.functional.cross_entropy(model(x, lengths), labels), model, args.clip)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append((step + 1, *evaluate(model, test)))
             bar.set_postfix_str(f"test loss {curve[-1][1]:.3f}, accuracy {curve[-1][2]:.3f}")
@@ -91,10 +86,8 @@ def report(results, args, out):
                 f"batch {args.batch} (packed, batch_first), Adam lr {args.lr}, clip {args.clip}, "
                 f"{args.test_size} test sequences, seed {args.seed}, backend {args.backend!r} on {args.device}. "
                 f"Chance: loss ln {args.vocab ** 2} = {math.log(args.vocab ** 2):.3f}, accuracy {args.vocab ** -2:.3f}.")
-    _common.write_markdown(out, "classify_packed.md", "Packed bidirectional classification", [settings, (header, rows)])
-    with open(os.path.join(out, "classify_packed.json"), "w") as f:
-        json.dump(dict(args=vars(args), machine=_common.machine(), results=results), f)
-    plt = _common.pyplot()
+    plt = _common.write_results(out, "classify_packed", "Packed bidirectional classification",
+                                [settings, (header, rows)], dict(args=vars(args), results=results))
     if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -119,11 +112,7 @@ def main(argv=None):
     p.add_argument("--max-len", type=int, default=200)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=100)
+    _common.training_flags(p, steps=3000, batch=64, lr=1e-3, eval_every=100)
     p.add_argument("--test-size", type=int, default=1000)
     args = _common.parse(p, argv, quick=dict(vocab=4, min_len=4, max_len=16, hidden=32, layers=1, steps=200,
                                              eval_every=25, test_size=256))

@@ -19,7 +19,6 @@ status 1 if the bound is broken where the condition holds.
     python examples/vanishing_gradients.py            # T = 100, H = 100; the init part takes seconds
     python examples/vanishing_gradients.py --quick    # smaller training, under a minute on CPU
 """
-import json
 import math
 import os
 import sys
@@ -29,7 +28,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from adding_problem import Adder, make_batch, state_gradients  # noqa: E402
+from adding_problem import Adder, evaluate, make_batch  # noqa: E402
 
 from elman_triton import init  # noqa: E402
 
@@ -63,13 +62,8 @@ def study(act, rho, args, test, generator):
         if stage == "trained":
             for _ in _common.progress(args.steps, f"train {act} ρ={rho}"):
                 x, target = make_batch(args.T, args.batch, generator, args.device)
-                optimizer.zero_grad(set_to_none=True)
-                nn.functional.mse_loss(model(x), target).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-                optimizer.step()
-        with torch.no_grad():
-            mse = nn.functional.mse_loss(model(test[0]), test[1]).item()
-        norms = state_gradients(model, *test)
+                _common.optimize(optimizer, nn.functional.mse_loss(model(x), target), model, args.clip)
+        mse, norms = evaluate(model, *test)
         sigma = torch.linalg.svdvals(model.rnn.weight_hh_l0.detach().double()).max().item()
         bound = GAMMA[act] * sigma
         fitted, worst = decay_rates(norms)
@@ -90,10 +84,8 @@ def report(rows, args, out):
     settings = (f"T = {args.T}, H = {args.hidden}, {args.test_size} test sequences of the adding problem (loss on "
                 f"the last state only); training: {args.steps} Adam steps, lr {args.lr}, batch {args.batch}, "
                 f"clip {args.clip}; backend {args.backend!r} on {args.device}; seed {args.seed}.")
-    _common.write_markdown(out, "vanishing_gradients.md", "Vanishing gradients", [settings, (header, table)])
-    with open(os.path.join(out, "vanishing_gradients.json"), "w") as f:
-        json.dump(dict(args=vars(args), machine=_common.machine(), rows=rows), f)
-    plt = _common.pyplot()
+    plt = _common.write_results(out, "vanishing_gradients", "Vanishing gradients", [settings, (header, table)],
+                                dict(args=vars(args), rows=rows))
     if plt is None:
         return
     acts = sorted({r["act"] for r in rows})
@@ -120,10 +112,7 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--rhos", type=float, nargs="+", default=list(RHOS))
     p.add_argument("--acts", nargs="+", default=["tanh", "relu"], choices=sorted(GAMMA))
-    p.add_argument("--steps", type=int, default=500, help="training steps before the second measurement")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--clip", type=float, default=1.0)
+    _common.training_flags(p, steps=500, batch=32, lr=1e-3)  # the steps before the second measurement
     p.add_argument("--test-size", type=int, default=256)
     args = _common.parse(p, argv, quick=dict(T=30, hidden=32, steps=60))
     out = _common.setup(args, "vanishing_gradients")

@@ -7,7 +7,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from elman_triton import ElmanRNN, ElmanRNNCell, elman_rnn, persistent, record_state_gradients, stepwise
 from elman_triton.diagnostics import state_gradient_norms
 from oracles import INPUT_NAMES
-from utils import as_float64, count_launches, make_problem, rel_err
+from utils import TOLERANCE, as_float64, count_launches, make_problem, rel_err
 
 BACKENDS = ["auto", "stepwise", "persistent", "reference"]
 TOL = 1e-4  # fp32 against float64, relative norm error
@@ -100,8 +100,9 @@ def test_relu_and_batch_first(backend, device):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_op_fills_state_grad_norms(backend, reverse, device):
-    """The op's own argument, on y and h_n together, in float32 and float64."""
-    for dtype in (torch.float32, torch.float64):
+    """The op's own argument, on y and h_n together, in float32, float64 and bfloat16 (whose gradients
+    the norm sums in fp32)."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
         problem = make_problem(5, 3, 4, 7, dtype=dtype, device=device)
         w_y, w_h = torch.randn(5, 3, 7, dtype=dtype, device=device), torch.randn(3, 7, dtype=dtype, device=device)
         norms = torch.zeros(5, 3, device=device)
@@ -116,7 +117,22 @@ def test_op_fills_state_grad_norms(backend, reverse, device):
             h.retain_grad()
             states[t] = h
         ((torch.stack(states) * w_y.double()).sum() + (h * w_h.double()).sum()).backward()
-        assert rel_err(norms, torch.stack([s.grad.norm(dim=1) for s in states])) < TOL
+        assert rel_err(norms, torch.stack([s.grad.norm(dim=1) for s in states])) < max(TOL, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_gradients_do_not_underflow(backend, device):
+    """Gradients near 1e-25 (far down a vanishing gradient) have fp32 squares below fp32's range: the norm
+    is summed in float64, so it is still right rather than 0."""
+    problem = make_problem(4, 3, 2, 5, device=device)
+    w_y = torch.randn(4, 3, 5, device=device)
+    norms = torch.zeros(4, 3, device=device)
+    y, _ = elman_rnn(*(problem[n] for n in INPUT_NAMES), backend=backend, state_grad_norms=norms)
+    ((y * w_y).sum() * 1e-25).backward()
+    unscaled = torch.zeros(4, 3, device=device)
+    y, _ = elman_rnn(*(problem[n] for n in INPUT_NAMES), backend=backend, state_grad_norms=unscaled)
+    (y * w_y).sum().backward()
+    assert (norms > 0).all() and rel_err(norms.double() * 1e25, unscaled) < 1e-5
 
 
 def test_state_gradient_norms_with_lengths():

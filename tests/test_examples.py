@@ -1,21 +1,25 @@
 """Each example runs with --quick (a small CPU run, as CI runs it) and its loss falls by a stated margin
-with the fixed seed; each writes its PNG and Markdown table."""
+with the fixed seed; each writes its Markdown table, JSON record and (with matplotlib) PNG."""
 import importlib.util
 import math
 import os
-
-import pytest
+import sys
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 BASELINE = 1 / 6  # the adding problem's MSE when always predicting 1
 
 
-def run(name, tmp_path):
+def load(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.main(["--quick", "--out", str(tmp_path)])
-    for suffix in (".png", ".md"):
+    return module
+
+
+def run(name, tmp_path):
+    result = load(name).main(["--quick", "--out", str(tmp_path)])
+    # matplotlib is an optional extra: without it the examples write no PNG (and say so)
+    for suffix in (".md", ".json") + ((".png",) if importlib.util.find_spec("matplotlib") else ()):
         assert os.path.getsize(tmp_path / f"{name}{suffix}") > 0
     return result
 
@@ -26,7 +30,9 @@ def test_adding_problem(tmp_path):
     assert [r["model"] for r in results] == ["tanh", "tanh-orth", "irnn"]
     for r in results:
         assert r["curve"][0][2] > BASELINE and r["final_mse"] < 0.8 * BASELINE, r["model"]
-        assert len(r["grads"]["trained"]) == 10 and all(g > 0 for g in r["grads"]["trained"])
+        steps, norms = zip(*r["grad_history"])  # recorded at every evaluation
+        assert steps == tuple(c[0] for c in r["curve"]) and steps[0] == 0 and steps[-1] == 600
+        assert all(len(n) == 10 and min(n) > 0 for n in norms)
     assert min(r["final_mse"] for r in results) < 0.5 * BASELINE
 
 
@@ -62,3 +68,17 @@ def test_vanishing_gradients(tmp_path):
             assert r["check"] == "holds" and r["fitted_rate"] <= r["bound"] * 1.001
         assert math.isclose(r["sigma_max"], key[1], rel_tol=1e-5)
         assert trained[key]["test_mse"] < 0.7 * r["test_mse"], key
+
+
+def test_without_the_optional_extras(monkeypatch, capsys):
+    """Without tqdm the progress is printed; without matplotlib no figure is drawn, and the run goes on."""
+    common = load("_common")
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # import tqdm now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    bar = common.progress(20, "plain")
+    bar.set_postfix_str("loss 1.0")
+    assert list(bar) == list(range(20))
+    assert common.pyplot() is None
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("plain: 2/20") and lines[-2].startswith("plain: 20/20") and "loss 1.0" in lines[-2]
+    assert "matplotlib is not installed" in lines[-1]
