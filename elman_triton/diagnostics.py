@@ -69,8 +69,8 @@ def record_state_gradients(module, per_sample=False):
     Cost: with backend="auto" on CPU (PyTorch's native kernel, which exposes no per-step gradient)
     the recorded calls run the reference loop instead, which is slower; CUDA and the Triton
     backends run their own kernels. The context replaces module.forward with a recording wrapper and,
-    during each call, routes the module's op calls (elman_triton.modules.elman_rnn) through it; both
-    are restored on exit. Not thread-safe while open.
+    during each call, routes the module's op calls (elman_triton.modules.run_layer and elman_rnn) through it;
+    both are restored on exit. Not thread-safe while open.
     """
     from elman_triton.modules import ElmanRNN, ElmanRNNCell  # ops imports this module: import late
 
@@ -112,51 +112,39 @@ class StateGradients:
         if not self._calls:
             raise RuntimeError("nothing recorded: call the module inside the record_state_gradients context")
         if self._cell:  # each call is one step: (1, calls, B)
-            return torch.cat([buffers[0] for buffers, _, _ in self._calls]).unsqueeze(0)
-        buffers, lengths, unsorted_indices = self._calls[-1]
-        directions = 2 if self._module.bidirectional else 1
-        per_sample = torch.stack([
-            _unreverse_rows(buf, lengths) if lengths is not None and k % directions == 1 else buf
-            for k, buf in enumerate(buffers)])
+            return torch.cat([buffers[0] for buffers, _ in self._calls]).unsqueeze(0)
+        buffers, unsorted_indices = self._calls[-1]
+        per_sample = torch.cat(buffers)  # each layer's (directions, T, B), in nn.RNN's h_n order
         return per_sample if unsorted_indices is None else per_sample[:, :, unsorted_indices]
 
     def _recording_forward(self, input, hx=None):
-        """The module's own forward, with a norm buffer handed to each of its elman_rnn calls."""
+        """The module's own forward, with a norm buffer handed to each of its op calls (a layer's
+        (directions, T, B) for ElmanRNN, (1, B) for a cell step). Packed input runs as one padded,
+        length-sorted batch with the lengths in the kernels, so every buffer is in input time order
+        and sorted row order."""
         from elman_triton import modules
 
-        lengths = unsorted_indices = None
-        if isinstance(input, PackedSequence):
-            # Packed input runs as one padded, length-sorted batch; the reverse direction runs on a copy
-            # whose rows are time-reversed within their lengths, so its norms come back in that order.
-            lengths = _lengths(input.batch_sizes).to(input.data.device)
-            unsorted_indices = input.unsorted_indices
-        buffers, op = [], modules.elman_rnn
+        unsorted_indices = input.unsorted_indices if isinstance(input, PackedSequence) else None
+        buffers, layer_op, cell_op = [], modules.run_layer, modules.elman_rnn
 
-        def recording_op(x, *args, **kwargs):
+        def recording_layer(x, h0, weights_ih, *args, batch_first=False, **kwargs):
+            T, B = (x.shape[1], x.shape[0]) if batch_first else x.shape[:2]
+            buffers.append(torch.zeros(len(weights_ih), T, B, dtype=torch.float32, device=x.device))
+            return layer_op(x, h0, weights_ih, *args, batch_first=batch_first, state_grad_norms=buffers[-1],
+                            **kwargs)
+
+        def recording_cell(x, *args, **kwargs):
             buffers.append(torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device))
-            return op(x, *args, state_grad_norms=buffers[-1], **kwargs)
+            return cell_op(x, *args, state_grad_norms=buffers[-1], **kwargs)
 
-        modules.elman_rnn = recording_op
+        modules.run_layer, modules.elman_rnn = recording_layer, recording_cell
         try:
             output = type(self._module).forward(self._module, input, hx)
         finally:
-            modules.elman_rnn = op
-        call = (buffers, lengths, unsorted_indices)
+            modules.run_layer, modules.elman_rnn = layer_op, cell_op
+        call = (buffers, unsorted_indices)
         self._calls = self._calls + [call] if self._cell else [call]  # a cell call is a step; a module call, a pass
         return output
-
-
-def _lengths(batch_sizes):
-    """Per-row lengths of a PackedSequence's sorted rows, from its batch_sizes."""
-    rows = torch.arange(int(batch_sizes[0]))
-    return (rows.unsqueeze(0) < batch_sizes.unsqueeze(1)).sum(0)
-
-
-def _unreverse_rows(buf, lengths):
-    """buf[t, b] -> buf[len_b-1-t, b] for t < len_b (padding stays): the inverse of the row-wise time
-    reversal the module applies to packed input in the reverse direction."""
-    t = torch.arange(buf.shape[0], device=buf.device).unsqueeze(1)
-    return buf.gather(0, torch.where(t < lengths, lengths - 1 - t, t))
 
 
 def _write_norms(dy, dz, dh_n, weight_hh, reverse, out, lengths):

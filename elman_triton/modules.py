@@ -7,20 +7,19 @@ module. So construction checks, parameter names, shapes, registration order, def
 dicts, pickling and input checks are still torch's own code, and `isinstance(m, nn.RNN)` is False
 (`isinstance(m, nn.RNNBase)` is True). ElmanRNNCell derives from nn.RNNCell, which Dynamo traces.
 
-Every recurrence runs in elman_triton.elman_rnn, picked by `backend`; in ElmanRNN, _layer is the one
-place that calls it.
+Every layer of ElmanRNN is one call of the layer op (elman_triton.ops.run_layer: both directions in
+each launch), picked by `backend`, in ElmanRNN._layer; ElmanRNNCell calls elman_rnn with T = 1.
+batch_first input is read and its output written in (B, T, ·) order by the kernels, through strides:
+no transposed copies.
 
-Variable lengths (PackedSequence) run as one padded, length-sorted batch, with no per-sequence Python
-loop: index tensors built from batch_sizes move the packed rows into a (T, B, ·) batch and back
-(_PackedBatch), where pad_packed_sequence / pack_padded_sequence would stop torch.compile (Dynamo skips
-them). B comes from a shape where one tells it (_packed_batch_size), so the graph has no data-dependent
-size except for a sorted PackedSequence without hx.
-  * forward direction: padding sits after each row's valid steps, so it cannot reach valid outputs;
-    h_n is gathered at each row's last valid step.
-  * reverse direction: a per-row time-reversal index (t -> len_b-1-t for t < len_b, padding in place)
-    gathers x into a copy whose valid steps are reversed row by row, the op runs it forward in time,
-    and the same index gathers the outputs back. This costs one copy of x and one of y per layer.
-Padded positions never reach the returned PackedSequence or h_n, so they get no gradient.
+Variable lengths (PackedSequence) run as one padded, length-sorted batch with the rows' lengths handed
+to the kernels, which skip each row's padding steps (so its reverse direction starts at its own end and
+h_n is its own last state): no per-row reversal gathers, no per-sequence Python loop. Index tensors built
+from batch_sizes move the packed rows into a (T, B, ·) batch and back (_PackedBatch), where
+pad_packed_sequence / pack_padded_sequence would stop torch.compile (Dynamo skips them). B comes from
+a shape where one tells it (_packed_batch_size), so the graph has no data-dependent size except for a
+sorted PackedSequence without hx. Padded positions never reach the returned PackedSequence or h_n, so
+they get no gradient.
 """
 import contextlib
 
@@ -29,7 +28,7 @@ from torch import nn
 from torch.nn.functional import dropout
 from torch.nn.utils.rnn import PackedSequence
 
-from elman_triton.ops import BACKENDS, elman_rnn
+from elman_triton.ops import BACKENDS, elman_rnn, run_layer
 
 __all__ = ["ElmanRNN", "ElmanRNNCell"]
 
@@ -89,8 +88,9 @@ class ElmanRNN(nn.RNNBase):
                 self.check_input(input, None)
             else:
                 self.check_forward_args(input, hx, None)
-            x = input.transpose(0, 1) if self.batch_first else input
-        if x.shape[0] == 0:
+            x = input  # batch-first input stays batch-first: the op reads and writes through strides
+        batch_first = self.batch_first and batch is None
+        if x.shape[1 if batch_first else 0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
 
         x, hx, weights, no_autocast = _cast_like_autocast(x, hx, self.all_weights)
@@ -100,12 +100,11 @@ class ElmanRNN(nn.RNNBase):
                 last = layer == self.num_layers - 1
                 k = layer * num_directions
                 x, h = self._layer(x, None if hx is None else hx[k:k + num_directions],
-                                   weights[k:k + num_directions], batch,
-                                   batch_first=last and self.batch_first and batch is None)
-                h_n += h
+                                   weights[k:k + num_directions], batch, batch_first)
+                h_n.append(h)
                 if not last and self.dropout > 0 and self.training:
                     x = dropout(x, self.dropout, training=True)
-            h_n = torch.stack(h_n)
+            h_n = torch.cat(h_n)
 
         if batch is not None:
             return (PackedSequence(batch.pack(x), batch_sizes, sorted_indices, unsorted_indices),
@@ -115,23 +114,15 @@ class ElmanRNN(nn.RNNBase):
         return x, h_n
 
     def _layer(self, x, hx, weights, batch, batch_first):
-        """One layer, every direction. x: (T, B, D) time-major; hx: (directions, B, H) or None; weights:
-        one list per direction; batch: the _PackedBatch of packed input, else None. Returns the output,
-        (T, B, directions·H) or, with batch_first, (B, T, directions·H), and a list of each direction's h_n."""
-        outputs, h_n = [], []
-        for direction, w in enumerate(weights):
-            h0, reverse = None if hx is None else hx[direction], direction == 1
-            if batch is None:
-                y, h = _elman(x, h0, w, self.nonlinearity, self.backend, reverse)
-            elif not reverse:
-                y, _ = _elman(x, h0, w, self.nonlinearity, self.backend)
-                h = y[batch.last, batch.rows]
-            else:
-                y = batch.reverse(_elman(batch.reverse(x), h0, w, self.nonlinearity, self.backend)[0])
-                h = y[0]  # the reverse direction ends after reading x[0]
-            outputs.append(y)
-            h_n.append(h)
-        return _join_directions(outputs, batch_first), h_n
+        """One layer, every direction, in one op call (both directions share each launch). x: (T, B, D),
+        or (B, T, D) with batch_first; hx: (directions, B, H) or None; weights: one list per direction;
+        batch: the _PackedBatch of packed input, else None. Returns the output, (T, B, directions·H) or
+        (B, T, directions·H), and h_n (directions, B, H)."""
+        w_ih, w_hh, *biases = zip(*weights)
+        b_ih, b_hh = biases or (None, None)
+        return run_layer(x, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity, backend=self.backend,
+                         lengths=None if batch is None else batch.lengths, batch_first=batch_first,
+                         lengths_are_valid=True)
 
 
 class ElmanRNNCell(nn.RNNCell):
@@ -200,7 +191,6 @@ class _PackedBatch:
         self.size = B
         self.rows = torch.arange(B, device=device)
         self.lengths = (batch_sizes.unsqueeze(1) > self.rows).sum(0)  # row b is in the first lengths[b] steps
-        self.last = self.lengths - 1
         t = torch.arange(batch_sizes.shape[0], device=device).unsqueeze(1)
         valid = t < self.lengths  # (T, B)
         self._valid = valid.unsqueeze(2)
@@ -209,7 +199,6 @@ class _PackedBatch:
         n = torch.arange(data.shape[0], device=device)
         step = torch.searchsorted(ends, n, right=True)
         self._padded_row = step * B + n - starts[step]
-        self._reversal = torch.where(valid, self.last - t, t).unsqueeze(2)  # (T, B, 1), its own inverse
 
     def pad(self, data):
         """(N, D) packed rows -> (T, B, D), zeros at padded positions (as pad_packed_sequence)."""
@@ -219,22 +208,12 @@ class _PackedBatch:
         """(T, B, F) -> (N, F) packed rows, as pack_padded_sequence(...).data."""
         return y.flatten(0, 1)[self._padded_row]
 
-    def reverse(self, x):
-        """x[t, b] -> x[len_b-1-t, b] for t < len_b; padding stays where it is. A gathered copy."""
-        return x.gather(0, self._reversal.expand(-1, -1, x.shape[2]))
 
 
 def _elman(x, h0, weights, nonlinearity, backend, reverse=False):
     w_ih, w_hh, *biases = weights
     b_ih, b_hh = biases or (None, None)
     return elman_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, backend=backend, reverse=reverse)
-
-
-def _join_directions(outputs, batch_first):
-    """(T, B, H) per direction -> (T, B, dirs*H), or (B, T, dirs*H) contiguous, as nn.RNN returns."""
-    if batch_first:
-        outputs = [y.transpose(0, 1) for y in outputs]
-    return outputs[0].contiguous() if len(outputs) == 1 else torch.cat(outputs, dim=2)
 
 
 def _cast_like_autocast(x, hx, weights):

@@ -91,18 +91,30 @@ def elman_rnn_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=Non
     direction's outputs in its half as nn.RNN lays them out, and h_n (dirs, B, H).
     state_grad_norms: None or float32 (dirs, T, B). Everything else as elman_rnn.
     """
+    return run_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity=nonlinearity, backend=backend,
+                     reverse=reverse, lengths=lengths, batch_first=batch_first, state_grad_norms=state_grad_norms)
+
+
+def run_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, nonlinearity="tanh", backend="auto",
+              reverse=False, lengths=None, batch_first=False, state_grad_norms=None, lengths_are_valid=False):
+    """elman_rnn_layer, for callers that built lengths themselves (ElmanRNN, from a PackedSequence):
+    with lengths_are_valid=True their values are not read back (no synchronisation per layer)."""
     dirs = len(weights_hh)
     T, B = _check_inputs(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, backend, batch_first)
     H = weights_hh[0].shape[0]
     if lengths is not None:
-        check_lengths(lengths, T, B, x.device)
+        check_lengths(lengths, T, B, x.device, values=not lengths_are_valid)
     if state_grad_norms is not None and tuple(state_grad_norms.shape) != (dirs, T, B):
         raise ValueError(f"state_grad_norms must have shape (dirs, T, B) = {(dirs, T, B)}, "
                          f"got {tuple(state_grad_norms.shape)}")
     if B == 0:  # an empty batch, which nn.RNN accepts: empty outputs, zero weight gradients
         backend = "reference"
     if backend == "auto" and x.device.type != "cuda":
-        backend = "native" if state_grad_norms is None and not (reverse and lengths is not None) else "reference"
+        # PyTorch's native kernel, except where it cannot serve: it exposes no per-step gradients, has no
+        # reverse-only layer for variable lengths, and takes those as a PackedSequence, whose packing
+        # torch.compile does not trace.
+        native = state_grad_norms is None and (lengths is None or not (reverse or torch.compiler.is_compiling()))
+        backend = "native" if native else "reference"
     if backend == "reference":
         return _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                                 batch_first, state_grad_norms)
@@ -138,7 +150,7 @@ def elman_rnn_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=Non
     return y, h_n
 
 
-def check_lengths(lengths, T, B, device):
+def check_lengths(lengths, T, B, device, values=True):
     """lengths must be a (B,) integer tensor on x's device with every value in [1, T]. The value check
     reads the tensor (one synchronisation for CUDA lengths); under torch.compile it is left out."""
     if not torch.is_tensor(lengths):
@@ -149,7 +161,7 @@ def check_lengths(lengths, T, B, device):
         raise ValueError(f"lengths must have shape (B,) = ({B},), got {tuple(lengths.shape)}")
     if lengths.device != device:
         raise ValueError(f"lengths is on {lengths.device} but x is on {device}; put them on one device")
-    if B and not torch.compiler.is_compiling():
+    if values and B and not torch.compiler.is_compiling():
         low, high = lengths.min().item(), lengths.max().item()
         if low < 1 or high > T:
             raise ValueError(f"every length must be in [1, T] = [1, {T}], got values from {low} to {high}")
