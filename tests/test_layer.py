@@ -112,12 +112,13 @@ class OpLog(TorchDispatchMode):
     every argument in and out of each launch, which a GPU does not)."""
 
     def __enter__(self):
-        self.names, self.in_kernel = [], False
+        self.names, self.on_floats, self.in_kernel = [], [], False
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.in_kernel:
             self.names.append(func.__name__)
+            self.on_floats.append(bool(args) and torch.is_tensor(args[0]) and args[0].is_floating_point())
         return func(*args, **(kwargs or {}))
 
     def silence(self, monkeypatch, module, name):
@@ -228,3 +229,45 @@ def test_gpu_lengths_on_another_device_are_rejected():
     _, x, h0, params = make_layer(3, 3, 2, 4, 1, False, device="cuda")
     with pytest.raises(ValueError, match="lengths is on cpu but x is on cuda"):
         layer_call(x, h0, params, "stepwise", torch.tensor([3, 2, 1]), False)
+
+
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_module_runs_one_launch_per_layer_for_both_directions(backend, monkeypatch, device):
+    """A 2-layer bidirectional ElmanRNN on packed input: per pass, the launches of one direction per
+    layer (persistent: 1 per layer; stepwise: T per layer), so both directions share every launch."""
+    from elman_triton import ElmanRNN
+    T, B, D, H = 4, 3, 5, 12
+    module = stepwise if backend == "stepwise" else persistent
+    names = (("elman_step_fwd_kernel", "elman_step_bwd_kernel") if backend == "stepwise" else
+             ("elman_persistent_small_fwd_kernel", "elman_persistent_small_bwd_kernel"))
+    fwd, bwd = count_launches(monkeypatch, module, *names)
+    rnn = ElmanRNN(D, H, num_layers=2, bidirectional=True, backend=backend, device=device)
+    x = torch.randn(T, B, D, device=device)
+    packed = pack_padded_sequence(x, torch.tensor([4, 2, 3]), enforce_sorted=False)
+    y, h_n = rnn(packed)
+    (y.data.square().sum() + h_n.sum()).backward()
+    per_layer = T if backend == "stepwise" else 1
+    assert (fwd.launches, bwd.launches) == (2 * per_layer, 2 * per_layer)
+
+
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
+def test_module_gathers_nothing_for_the_reverse_direction(backend, monkeypatch, device):
+    """Packed input through a 2-layer bidirectional ElmanRNN: one index op into the padded batch and one
+    back into packed rows (what packing needs), and no gather or flip of x or y in either pass; the only
+    cat joins the layers' small h_n."""
+    from elman_triton import ElmanRNN
+    T, B, D, H = 4, 3, 5, 16
+    rnn = ElmanRNN(D, H, num_layers=2, bidirectional=True, backend=backend, device=device)
+    packed = pack_padded_sequence(torch.randn(T, B, D, device=device), torch.tensor([4, 2, 3]), enforce_sorted=False)
+    with OpLog() as log:
+        for module, name in ((stepwise, "elman_step_fwd_kernel"), (stepwise, "elman_step_bwd_kernel"),
+                             (persistent, "elman_persistent_small_fwd_kernel"),
+                             (persistent, "elman_persistent_small_bwd_kernel")):
+            log.silence(monkeypatch, module, name)
+        y, h_n = rnn(packed)
+        (y.data.square().sum() + h_n.sum()).backward()
+    assert not [n for n in log.names if n.startswith(("gather", "flip"))], log.names
+    assert [n for n in log.names if n.startswith("cat")] == ["cat.default"]
+    end = log.names.index("sum.default")  # the loss: forward ends here
+    moved = [n for n, on_float in zip(log.names[:end], log.on_floats[:end]) if on_float and n == "index.Tensor"]
+    assert moved == ["index.Tensor"] * 2  # pad the packed rows once, pack the output once
