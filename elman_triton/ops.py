@@ -188,7 +188,7 @@ def _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first,
     opts = kernel_options(xp.dtype, nonlinearity)
     h_n = xp.new_empty(dirs, lay.B, H)
     _recurrence(backend, lay, xp.dtype, xp.device, opts).forward_recurrence(
-        xp, y, h0, w_hh, bias, h_n, lengths, opts, lay)
+        xp, y, _padded_rows(h0, lay.Hp), _padded_rows(w_hh, lay.Hp), bias, h_n, lengths, opts, lay)
     return h_n
 
 
@@ -199,8 +199,18 @@ def _backward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, ba
     opts = kernel_options(y.dtype, nonlinearity)
     dz = torch.empty_like(y)
     dh0 = _recurrence(backend, lay, y.dtype, y.device, opts).backward_recurrence(
-        dy, dh_n, y, w_hh, dz, lengths, opts, lay)
+        dy, dh_n, y, _padded_rows(w_hh, lay.Hp), dz, lengths, opts, lay)
     return dz, dh0.contiguous()  # the launchers may leave it in their padded carry: a (dirs, B, H) copy
+
+
+def _padded_rows(t, Hp):
+    """t (·, ·, H) with its rows padded with zeros to Hp elements and contiguous, as the kernels read h0
+    and W_hh (aligned, vectorised loads for any H): t itself when it already is, else a copy of it
+    (dirs·B·Hp or dirs·H·Hp elements, once per call)."""
+    H = t.shape[-1]
+    if Hp == H and t.is_contiguous():
+        return t
+    return F.pad(t, (0, Hp - H)) if Hp != H else t.contiguous()
 
 
 def _save(ctx, inputs, y):

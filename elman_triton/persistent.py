@@ -162,17 +162,19 @@ def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
     lay.check(xp, "xp")
     lay.check(y, "y")
     bias_arg = bias if bias is not None else xp
-    strides = (*lay.seq_strides, *h0.stride(), *weight_hh.stride())
+    h0_strides = h0.stride()  # (dirs, B, Hp) rows, see kernels/common.load_state
     meta = dict(HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT,
                 FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
     with on_device(y):
         if _is_small(lay.H, y.dtype, y.device):
             elman_persistent_small_fwd_kernel[(cdiv(lay.B, BB), lay.dirs)](
-                xp, y, h0, weight_hh, bias_arg, h_n, lengths, lay.T, lay.B, lay.H, *strides,
+                xp, y, h0, weight_hh, bias_arg, h_n, lengths, lay.T, lay.B, lay.H, *lay.seq_strides, *h0_strides,
+                *weight_hh.stride(),
                 **meta, num_warps=_num_warps_small(y.dtype))
             return
         _launch_large(elman_persistent_large_fwd_kernel, lay, y, n_units=lay.T, opts=opts,
-                      pointers=(xp, y, h0, weight_hh, bias_arg, h_n, lengths), strides=strides, meta=meta)
+                      pointers=(xp, y, h0, weight_hh, bias_arg, h_n, lengths),
+                      strides=(*lay.seq_strides, *h0_strides[:2], *weight_hh.stride()), meta=meta)
 
 
 def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
@@ -247,7 +249,7 @@ def _stand_in_args(kernel, H, dtype, device, B=16):
                "p_barrier": torch.empty(64, dtype=torch.int32, device=device),
                "p_dh": torch.empty(1, dtype=accumulator_dtype(dtype), device=device)}
     ints = dict(T=B, B=B, H=H, unit_begin=0, unit_end=1, dir_base=0, patience=MAX_POLLS,
-                stride_w_d=H * H, stride_w_n=H, stride_w_k=1, stride_h0_d=B * H, stride_h0_b=H, stride_h0_h=1,
+                stride_w_d=H * Hp, stride_w_n=Hp, stride_w_k=1, stride_h0_d=B * Hp, stride_h0_b=Hp,
                 stride_dh_d=B * Hp, stride_dh_b=Hp)
     for name in ("y", "dy"):
         ints.update({f"stride_{name}_t": B * Hp, f"stride_{name}_b": Hp, f"stride_{name}_d": Hp, f"stride_{name}_h": 1})

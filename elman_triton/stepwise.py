@@ -34,7 +34,8 @@ def block_sizes(B, H):
 
 def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
     """y[t] = act(h_{t∓1} W_hhᵀ + xp[t] + bias) for every step of every direction; h_n (dirs, B, H) gets
-    each row's last state. xp, y: sequence buffers (y may be xp); h0: (dirs, B, H); weight_hh:
+    each row's last state. xp, y: sequence buffers (y may be xp); h0: (dirs, B, Hp) and weight_hh (dirs, H, Hp),
+    rows padded like y's (zeros past H);
     (dirs, H, H); bias: (dirs, H) contiguous or None; lengths: (B,) or None."""
     lay = layout
     lay.check(xp, "xp")
@@ -42,7 +43,7 @@ def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
     BB, BN, BK = block_sizes(lay.B, lay.H)
     grid = (cdiv(lay.B, BB), cdiv(lay.H, BN), lay.dirs)
     head = (xp, y, h0, weight_hh, bias if bias is not None else xp, h_n, lengths)
-    tail = (lay.T, lay.B, lay.H, *lay.seq_strides, *h0.stride(), *weight_hh.stride())
+    tail = (lay.T, lay.B, lay.H, *lay.seq_strides, h0.stride(0), h0.stride(1), *weight_hh.stride())
     meta = dict(HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT,
                 FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST,
                 BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS)

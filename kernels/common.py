@@ -104,12 +104,20 @@ def is_last_step(t, rev, len_b):
 
 
 @triton.jit
-def load_state(p_h0, p_prev, o_b, o_k, mask, from_h0, stride_h0_b, stride_h0_h, stride_prev_b):
+def load_state(p_h0, p_prev, o_b, o_k, m_b, from_h0, any_start, stride_h0_b, stride_prev_b, Hp):
     """The previous state h_{t∓1} of rows o_b, units o_k ([BB, BK]): h0 where from_h0 [BB] (a row's
-    first step), else the previous step's output p_prev (unit stride along o_k), read past L1 (.cg)
-    because other programs wrote it."""
-    b_h0 = tl.load(p_h0 + o_b[:, None] * stride_h0_b + o_k[None, :] * stride_h0_h,
-                   mask=mask & from_h0[:, None], other=0.0)
-    b_prev = tl.load(p_prev + o_b[:, None] * stride_prev_b + o_k[None, :],
-                     mask=mask & ~from_h0[:, None], other=0.0, cache_modifier=".cg")
-    return tl.where(from_h0[:, None], b_h0, b_prev)
+    first step), else the previous step's output p_prev, read past L1 (.cg) because other programs
+    wrote it. Both come in padded rows (Hp, a multiple of 16, zeros past H; the launcher pads h0), so
+    the loads vectorise whatever H is.
+
+    On most steps no row starts (any_start, the caller's tl.max of from_h0, is False), and one load
+    from a uniform base serves. Only a step where some row starts pays the per-row choice of base
+    pointer (more registers for its addresses, once per row)."""
+    mask = m_b[:, None] & (o_k < Hp)[None, :]
+    if any_start:
+        p_rows = tl.where(from_h0, p_h0 + o_b * stride_h0_b, p_prev + o_b * stride_prev_b)  # [BB]
+        b_h = tl.load(p_rows[:, None] + o_k[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        b_h = tl.load(p_prev + o_b[:, None] * stride_prev_b + o_k[None, :], mask=mask, other=0.0,
+                      cache_modifier=".cg")
+    return b_h

@@ -54,7 +54,7 @@ def elman_persistent_large_fwd_kernel(
     p_xp, p_y, p_h0, p_w, p_bias, p_hn, p_len, p_barrier,
     T, B, H, unit_begin, unit_end, dir_base, patience,
     stride_y_t, stride_y_b, stride_y_d,
-    stride_h0_d, stride_h0_b, stride_h0_h,
+    stride_h0_d, stride_h0_b,
     stride_w_d, stride_w_n, stride_w_k,
     HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
     USE_BARRIER: tl.constexpr, FLIP: tl.constexpr,
@@ -70,7 +70,7 @@ def elman_persistent_large_fwd_kernel(
     acc_ty = tl.float64 if p_y.dtype.element_ty == tl.float64 else tl.float32
 
     b_wt = tl.load(p_w + i_d * stride_w_d + o_k[:, None] * stride_w_k + o_n[None, :] * stride_w_n,
-                   mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BH, BN] = W_hhᵀ[:, slice]
+                   mask=(o_k < stride_y_d)[:, None] & m_n[None, :], other=0.0)  # [BH, BN] = W_hhᵀ[:, slice]
     b_bias = tl.zeros([BN], dtype=acc_ty)
     if HAS_BIAS:
         b_bias = tl.load(p_bias + i_d * H + o_n, mask=m_n, other=0.0).to(acc_ty)
@@ -87,20 +87,14 @@ def elman_persistent_large_fwd_kernel(
         for i_b in range(i_g, tl.cdiv(B, BB), n_group):
             o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
             m_b = o_b < B
-            m_bk = m_b[:, None] & m_k[None, :]
             len_b = row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS)  # [BB]
-            if HAS_LENGTHS:  # rows start at different steps: choose h0 or y_{t∓1} per row
-                b_h = load_state(p_h0, p_prev, o_b, o_k, m_bk, (t_prev < 0) | (t_prev >= len_b),
-                                 stride_h0_b, stride_h0_h, stride_y_b)  # [BB, BH]
-            elif s == 0:
-                b_h = tl.load(p_h0 + o_b[:, None] * stride_h0_b + o_k[None, :] * stride_h0_h,
-                              mask=m_bk, other=0.0)  # [BB, BH]
-            else:
-                b_h = tl.load(p_prev + o_b[:, None] * stride_y_b + o_k[None, :], mask=m_bk, other=0.0,
-                              cache_modifier=".cg")  # [BB, BH], all programs' columns
+            from_h0 = (t_prev < 0) | (t_prev >= len_b)  # [BB] the row's first step reads h0
+            any_start = tl.max(from_h0.to(tl.int32), axis=0) > 0  # some row of the tile reads h0
+            b_h = load_state(p_h0, p_prev, o_b, o_k, m_b, from_h0, any_start, stride_h0_b, stride_y_b,
+                             stride_y_d)  # [BB, BH], all programs' columns
             m_bn = m_b[:, None] & m_n[None, :]
             o_t = o_d + t.to(tl.int64) * stride_y_t + o_b[:, None] * stride_y_b + o_n[None, :]  # [BB, BN]
-            b_xp = tl.load(p_xp + o_t, mask=m_bn, other=0.0).to(acc_ty)
+            b_xp = tl.load(p_xp + o_t, mask=m_b[:, None] & (o_n < stride_y_d)[None, :], other=0.0).to(acc_ty)
             z = matmul_split_k(b_h, b_wt, K_SPLIT, PRECISION, UPCAST) + b_xp + b_bias[None, :]
             b_out = tl.where((t < len_b)[:, None], activation(z, ACT, FAST_TANH), 0.0)
             tl.store(p_y + o_t, b_out.to(p_y.dtype.element_ty), mask=m_b[:, None] & (o_n < stride_y_d)[None, :])
@@ -133,7 +127,7 @@ def elman_persistent_large_bwd_kernel(
     dz_ty = p_dz.dtype.element_ty
 
     b_w = tl.load(p_w + i_d * stride_w_d + o_n[:, None] * stride_w_n + o_k[None, :] * stride_w_k,
-                  mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BH, BN] = W_hh[:, slice]
+                  mask=m_n[:, None] & (o_k < stride_y_d)[None, :], other=0.0)  # [BH, BN] = W_hh[:, slice]
     p_word = p_barrier + WORD_STRIDE * (1 + i_d * n_group + i_g)
     phase = read_phase(p_word, FLIP) if USE_BARRIER else 0
     p_dy = p_dy + i_d * stride_dy_d
@@ -147,24 +141,25 @@ def elman_persistent_large_bwd_kernel(
         for i_b in range(i_g, tl.cdiv(B, BB), n_group):
             o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
             m_b = o_b < B
-            m_bk = m_b[:, None] & m_k[None, :]
+            m_bp = m_b[:, None] & (o_k < stride_y_d)[None, :]  # [BB, BN] within the padded rows
             active = (t < row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS))[:, None]  # [BB, 1]
             o_own = o_b[:, None] * stride_y_b + o_k[None, :]  # [BB, BN] in the sequence buffers
             p_dh_own = p_dh + o_b[:, None] * stride_dh_b + o_k[None, :]
             if u % 2 == 0:
+                # Loads over the padded width (vectorised for any H); the padding columns' dz is zeroed.
                 b_dy = tl.load(p_dy + t.to(tl.int64) * stride_dy_t + o_b[:, None] * stride_dy_b
-                               + o_k[None, :] * stride_dy_h, mask=m_bk, other=0.0)
-                b_dh = tl.load(p_dh_own, mask=m_bk, other=0.0)
-                b_h = tl.load(p_y + o_t + o_own, mask=m_bk, other=0.0).to(b_dh.dtype)
-                b_dz = tl.where(active, (b_dy.to(b_dh.dtype) + b_dh) * activation_grad(b_h, ACT), 0.0)
-                tl.store(p_dz + o_t + o_own, b_dz.to(dz_ty), mask=m_b[:, None] & (o_k < stride_y_d)[None, :])
+                               + o_k[None, :] * stride_dy_h, mask=m_bp, other=0.0)
+                b_dh = tl.load(p_dh_own, mask=m_bp, other=0.0)
+                b_h = tl.load(p_y + o_t + o_own, mask=m_bp, other=0.0).to(b_dh.dtype)
+                b_dz = tl.where(active & m_k[None, :], (b_dy.to(b_dh.dtype) + b_dh) * activation_grad(b_h, ACT), 0.0)
+                tl.store(p_dz + o_t + o_own, b_dz.to(dz_ty), mask=m_bp)
             else:
                 b_dz_row = tl.load(p_dz + o_t + o_b[:, None] * stride_y_b + o_n[None, :],
-                                   mask=m_b[:, None] & m_n[None, :], other=0.0,
-                                   cache_modifier=".cg")  # [BB, BH], all programs' columns
+                                   mask=m_b[:, None] & (o_n < stride_y_d)[None, :], other=0.0,
+                                   cache_modifier=".cg")  # [BB, BH], all programs' columns (padding: 0)
                 b_dh_new = matmul_split_k(b_dz_row, b_w, K_SPLIT, PRECISION, UPCAST)
                 # padding steps pass the gradient through: their rows' dh is left as it is
-                tl.store(p_dh_own, b_dh_new.to(p_dh.dtype.element_ty), mask=m_bk & active)
+                tl.store(p_dh_own, b_dh_new.to(p_dh.dtype.element_ty), mask=m_bp & active)
         if u % 2 == 0:
             if USE_BARRIER:
                 phase, patience = group_barrier(p_word, p_barrier, i_k, n_col, phase, patience, FLIP)

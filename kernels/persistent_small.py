@@ -46,7 +46,7 @@ def elman_persistent_small_fwd_kernel(
     # W_hhᵀ[k, n] = W_hh[n, k], read through strides: [BH, BH], on-chip for all T steps.
     p_w = p_w + i_d * stride_w_d
     b_wt = tl.load(p_w + o_h[:, None] * stride_w_k + o_h[None, :] * stride_w_n,
-                   mask=m_h[:, None] & m_h[None, :], other=0.0)
+                   mask=(o_h < stride_y_d)[:, None] & m_h[None, :], other=0.0)
     b_bias = tl.zeros([BH], dtype=acc_ty)
     if HAS_BIAS:
         b_bias = tl.load(p_bias + i_d * H + o_h, mask=m_h, other=0.0).to(acc_ty)
@@ -58,7 +58,7 @@ def elman_persistent_small_fwd_kernel(
     for s in range(0, T):
         t = step_index(s, T, rev)
         o_t = t.to(tl.int64) * stride_y_t + o_seq
-        b_xp = tl.load(p_xp + o_t, mask=m_bh, other=0.0).to(acc_ty)
+        b_xp = tl.load(p_xp + o_t, mask=m_store, other=0.0).to(acc_ty)  # padded rows: vectorised, 0 past H
         z = matmul(b_h.to(p_w.dtype.element_ty), b_wt, PRECISION, UPCAST) + b_xp + b_bias[None, :]
         # Padded columns stay exactly 0 (zero weights, xp and bias; act(0) = 0), so they add nothing.
         active = (t < len_b)[:, None]
@@ -89,7 +89,7 @@ def elman_persistent_small_bwd_kernel(
 
     p_w = p_w + i_d * stride_w_d
     b_w = tl.load(p_w + o_h[:, None] * stride_w_n + o_h[None, :] * stride_w_k,
-                  mask=m_h[:, None] & m_h[None, :], other=0.0)  # [BH(n), BH(k)], on-chip for all T
+                  mask=m_h[:, None] & (o_h < stride_y_d)[None, :], other=0.0)  # [BH(n), BH(k)], on-chip for all T
     b_dh = tl.load(p_dh_n + i_d * stride_dhn_d + o_b[:, None] * stride_dhn_b + o_h[None, :] * stride_dhn_h,
                    mask=m_bh, other=0.0).to(p_dh0.dtype.element_ty)  # [BB, BH], fp32 (fp64) carry
 
@@ -99,10 +99,10 @@ def elman_persistent_small_bwd_kernel(
     for s in range(0, T):
         t = step_index(s, T, rev == 0)  # the forward's steps in reverse
         t64 = t.to(tl.int64)
-        b_dy = tl.load(p_dy + t64 * stride_dy_t, mask=m_bh, other=0.0).to(b_dh.dtype)
-        b_h = tl.load(p_y + t64 * stride_y_t + o_seq, mask=m_bh, other=0.0).to(b_dh.dtype)
+        b_dy = tl.load(p_dy + t64 * stride_dy_t, mask=m_store, other=0.0).to(b_dh.dtype)  # padded rows
+        b_h = tl.load(p_y + t64 * stride_y_t + o_seq, mask=m_store, other=0.0).to(b_dh.dtype)
         active = (t < len_b)[:, None]
-        b_dz = tl.where(active, (b_dy + b_dh) * activation_grad(b_h, ACT), 0.0).to(dz_ty)
+        b_dz = tl.where(active & m_h[None, :], (b_dy + b_dh) * activation_grad(b_h, ACT), 0.0).to(dz_ty)
         tl.store(p_dz + t64 * stride_y_t + o_seq, b_dz, mask=m_store)
         b_dh = tl.where(active, matmul(b_dz, b_w, PRECISION, UPCAST), b_dh)
     tl.store(p_dh0 + i_d * B * H + o_b[:, None] * H + o_h[None, :], b_dh, mask=m_bh)

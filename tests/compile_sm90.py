@@ -36,6 +36,11 @@ TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = knobs.nvidia.cuobjdump.path
 TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 ACCUMULATOR_POINTERS = {"p_bias", "p_dh", "p_dh0", "p_dh_next"}
+# Strides of the package's own buffers (sequence buffers, dy shaped like them, the dh carries, the h0
+# and W_hh rows the launcher pads): their
+# rows are padded to a multiple of 16 elements (config.padded), so Triton's runtime specialises them
+# as divisible by 16 whatever H is.
+PADDED_STRIDES = ("stride_y_", "stride_dy_t", "stride_dy_b", "stride_dy_d", "stride_dh_", "stride_h0_", "stride_w_")
 
 
 def signature(kernel, dtype, constexprs, aligned):
@@ -43,15 +48,17 @@ def signature(kernel, dtype, constexprs, aligned):
     unit strides along H become the constant 1, other ints are i32, pointers are typed. aligned: H
     and B are multiples of 16, so (as at run time) every pointer and int argument except the
     do_not_specialize ones carries tt.divisibility=16, which lets loads vectorise. Unaligned (H=1000,
-    say) is the register-hungrier case."""
+    say): H, B and the user tensors' strides lose it, the padded buffers' strides keep it."""
     storage, acc = TRITON_DTYPE[dtype], "fp64" if dtype == torch.float64 else "fp32"
     sig, consts, attrs = {}, dict(constexprs), {}
     for index, name in enumerate(inspect.signature(kernel.fn).parameters):
         if name in constexprs:
             sig[name] = "constexpr"
             continue
-        if name == "p_barrier":
+        if name in ("p_barrier", "p_words"):
             sig[name] = "*i32"
+        elif name == "p_len":
+            sig[name] = "*i64"
         elif name.startswith("p_"):
             sig[name] = "*" + (acc if name in ACCUMULATOR_POINTERS else storage)
         elif name.startswith("stride_") and name.endswith(("_h", "_k")):
@@ -59,7 +66,8 @@ def signature(kernel, dtype, constexprs, aligned):
             continue
         else:
             sig[name] = "i32"
-        if aligned and name not in kernel.do_not_specialize:
+        padded = name.startswith(("p_",) + PADDED_STRIDES)  # pointers: the allocator aligns them
+        if (aligned or padded) and name not in kernel.do_not_specialize:
             attrs[(index,)] = [["tt.divisibility", 16]]
     return sig, consts, attrs
 
@@ -80,13 +88,12 @@ def compile_and_count(kernel, dtype, num_warps, aligned, **constexprs):
         sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    return regs, spills, local_memory_ops_in_loops(sass)
+    return regs, spills, local_memory_ops_in_loops(sass), global_loads_in_loops(sass)
 
 
-def local_memory_ops_in_loops(sass):
-    """How many local-memory instructions (STL/LDL: spills and their reloads) sit inside a loop of the
-    SASS. A loop is the span from a backward branch's target to the branch. Spills outside every
-    loop run once per launch; inside the time loop they cost every step."""
+def instructions_in_loops(sass):
+    """The SASS instructions inside a loop: a loop is the span from a backward branch's target to the
+    branch. Outside every loop they run once per launch; inside the time loop, every step."""
     instructions = [(int(m.group(1), 16), m.group(2))
                     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     loops = []
@@ -94,8 +101,25 @@ def local_memory_ops_in_loops(sass):
         branch = re.search(r"\bBRA\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < address:
             loops.append((int(branch.group(1), 16), address))
-    return sum(1 for address, text in instructions
-               if re.search(r"\b(STL|LDL)\b", text) and any(lo <= address <= hi for lo, hi in loops))
+    return [text for address, text in instructions if any(lo <= address <= hi for lo, hi in loops)]
+
+
+def local_memory_ops_in_loops(sass):
+    """How many local-memory instructions (STL/LDL: spills and their reloads) sit inside a loop."""
+    return sum(1 for text in instructions_in_loops(sass) if re.search(r"\b(STL|LDL)\b", text))
+
+
+def global_loads_in_loops(sass):
+    """{width: count} of the global loads inside loops, width in bits ("LDG.E.128" → 128, "LDG.E.U16"
+    → 16, "LDG.E" → 32): whether the loads of each step vectorise."""
+    widths = {}
+    for text in instructions_in_loops(sass):
+        load = re.search(r"\bLDG\.E((?:\.\w+)*)", text)
+        if load:
+            sizes = [int(n) for n in re.findall(r"\.(?:U|S)?(\d+)", load.group(1))]
+            width = str(sizes[0] if sizes else 32)
+            widths[width] = widths.get(width, 0) + 1
+    return widths
 
 
 def configurations():
@@ -106,21 +130,27 @@ def configurations():
         math = dict(ACT=0, PRECISION=precision, UPCAST=False)
         fast = dict(math, FAST_TANH=dtype in half)
         BB, BN, BK = stepwise.block_sizes(64, 1024)
+        math = dict(math, HAS_LENGTHS=False, REVERSE=False)
+        fast = dict(fast, HAS_LENGTHS=False, REVERSE=False)
         yield stepwise_kernels.elman_step_fwd_kernel, dtype, stepwise.NUM_WARPS, dict(fast, HAS_BIAS=True, BB=BB, BN=BN, BK=BK)
         yield stepwise_kernels.elman_step_bwd_kernel, dtype, stepwise.NUM_WARPS, dict(math, BB=BB, BN=BN, BK=BK)
-        small = dict(REVERSE=False, BB=persistent.BB, BH=persistent.SMALL_H_MAX[dtype])
+        small = dict(BB=persistent.BB, BH=persistent.SMALL_H_MAX[dtype])
         yield (persistent_small.elman_persistent_small_fwd_kernel, dtype, persistent._num_warps_small(dtype),
                dict(fast, **small, HAS_BIAS=True))
         yield persistent_small.elman_persistent_small_bwd_kernel, dtype, persistent._num_warps_small(dtype), dict(math, **small)
         largest = {torch.bfloat16: 2048, torch.float16: 2048, torch.float32: 1024, torch.float64: 512}[dtype]
         for BH in sorted({256, min(1024, largest), largest}):
             warps = persistent._num_warps_large(BH, dtype)
-            large = dict(REVERSE=False, USE_BARRIER=True, BB=persistent.BB, BN=persistent.BN, BH=BH,
+            large = dict(USE_BARRIER=True, FLIP=True, BB=persistent.BB, BN=persistent.BN, BH=BH,
                          K_SPLIT=persistent._k_split(BH, warps))
             yield (persistent_large.elman_persistent_large_fwd_kernel, dtype, warps,
                    dict(fast, **large, HAS_BIAS=True))
             yield persistent_large.elman_persistent_large_bwd_kernel, dtype, warps, dict(math, **large)
-    yield barrier.barrier_loop_kernel, torch.float32, 4, {}
+            if BH == largest and dtype == torch.bfloat16:  # variable lengths: the per-row state select
+                yield (persistent_large.elman_persistent_large_fwd_kernel, dtype, warps,
+                       dict(fast, **large, HAS_BIAS=True, HAS_LENGTHS=True))
+    for flip in (True, False):
+        yield barrier.barrier_loop_kernel, torch.float32, 4, dict(FLIP=flip)
 
 
 def main():
@@ -130,11 +160,13 @@ def main():
     knobs.nvidia.dump_ptxas_log = True
     for kernel, dtype, num_warps, constexprs in configurations():
         for aligned in (True, False):
-            regs, spills, loop_spill_ops = compile_and_count(kernel, dtype, num_warps, aligned, **constexprs)
-            shown = {k: v for k, v in constexprs.items() if k in ("PRECISION", "BB", "BN", "BK", "BH", "K_SPLIT")}
+            regs, spills, loop_spill_ops, loop_loads = compile_and_count(kernel, dtype, num_warps, aligned,
+                                                                         **constexprs)
+            shown = {k: v for k, v in constexprs.items()
+                     if k in ("PRECISION", "BB", "BN", "BK", "BH", "K_SPLIT", "HAS_LENGTHS", "FLIP")}
             print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=TRITON_DTYPE[dtype], num_warps=num_warps,
                                   aligned=aligned, **shown, regs=regs, spills=spills,
-                                  loop_spill_ops=loop_spill_ops)), flush=True)
+                                  loop_spill_ops=loop_spill_ops, loop_loads=loop_loads)), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,19 +34,24 @@ def guarded_nan(T, B, H, dtype, device):
 
 
 def forward(module, xp, h0, weight_hh, bias, y, opts, reverse):
-    """One direction through module.forward_recurrence: xp (T, B, H) is padded into the layout, h0, W_hh and
-    bias get their direction axis. Returns h_n (B, H)."""
+    """One direction through module.forward_recurrence: xp (T, B, H), h0 (B, H) and W_hh get rows padded
+    to the layout, h0, W_hh and bias their direction axis. Returns h_n (B, H)."""
     T, B, H = xp.shape
-    xp = torch.nn.functional.pad(xp, (0, padded(H) - H))
+    xp, h0, weight_hh = (pad_rows(t) for t in (xp, h0, weight_hh))  # rows padded, as ops does
     h_n = torch.full((1, B, H), NAN, dtype=xp.dtype, device=xp.device)
     module.forward_recurrence(xp, y, h0[None], weight_hh[None], None if bias is None else bias[None], h_n, None,
                               opts, Layout.of(y, H, 1, False, reverse))
     return h_n[0]
 
 
+def pad_rows(t):
+    """Rows padded with zeros to a multiple of 16, as elman_triton.ops hands them to the launchers."""
+    return torch.nn.functional.pad(t, (0, padded(t.shape[-1]) - t.shape[-1]))
+
+
 def backward(module, dy, dh_n, y, weight_hh, dz, opts, reverse):
     H = weight_hh.shape[0]
-    return module.backward_recurrence(dy, dh_n[None], y, weight_hh[None], dz, None, opts,
+    return module.backward_recurrence(dy, dh_n[None], y, pad_rows(weight_hh)[None], dz, None, opts,
                                       Layout.of(y, H, 1, False, reverse))[0]
 
 
