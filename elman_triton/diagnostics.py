@@ -99,7 +99,7 @@ class StateGradients:
     @property
     def norms(self):
         """(num_layers * num_directions, T) float32 norms over batch and hidden units."""
-        return torch.linalg.vector_norm(self._per_sample(), dim=2)
+        return torch.linalg.vector_norm(self._per_sample(), dim=2, dtype=torch.float64).float()  # no fp32 underflow
 
     @property
     def per_sample(self):

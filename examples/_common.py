@@ -1,8 +1,8 @@
 """What every example shares: its command line, a progress bar, the output folder, tables and figures.
 
-tqdm and matplotlib are optional extras (`pip install elman-triton[bench]`): without tqdm the
-progress is printed every tenth of the run, without matplotlib no PNG is written (the Markdown
-table still is).
+tqdm and matplotlib are optional extras (`pip install elman-triton[bench]`): without tqdm (or when
+stderr is not a terminal) the progress is printed every tenth of the run and every 5 minutes,
+without matplotlib no PNG is written (the Markdown table still is).
 """
 import argparse
 import json
@@ -75,15 +75,19 @@ def progress(total, desc):
 
 
 class _PlainProgress:
+    """A line every tenth of the run, and at least every 5 minutes (a run cut by a time budget)."""
+
     def __init__(self, total, desc):
         self.total, self.desc, self.postfix = total, desc, ""
 
     def __iter__(self):
-        start = time.time()
+        start = last = time.time()
         for i in range(self.total):
             yield i
-            if (i + 1) % max(1, self.total // 10) == 0 or i + 1 == self.total:
-                print(f"{self.desc}: {i + 1}/{self.total} ({time.time() - start:.0f} s) {self.postfix}", flush=True)
+            now = time.time()
+            if (i + 1) % max(1, self.total // 10) == 0 or i + 1 == self.total or now - last > 300:
+                print(f"{self.desc}: {i + 1}/{self.total} ({now - start:.0f} s) {self.postfix}", flush=True)
+                last = now
 
     def set_postfix_str(self, text):
         self.postfix = text

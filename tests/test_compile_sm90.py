@@ -1,6 +1,6 @@
 """Every kernel compiles for sm_90a (H100/H200) in the configurations the dispatcher launches, without
-register spills. Runs on CPU: Triton compiles to PTX and its bundled ptxas reports registers. About a
-minute; marked sm90, so `python -m pytest -m "not sm90"` skips it (CI runs it)."""
+register spills. Runs on CPU: Triton compiles to PTX and its bundled ptxas reports registers. One to
+three minutes of one core; marked sm90, so `python -m pytest -m "not sm90"` skips it (CI runs it)."""
 import json
 import os
 import subprocess

@@ -133,6 +133,13 @@ def test_tiny_gradients_do_not_underflow(backend, device):
     y, _ = elman_rnn(*(problem[n] for n in INPUT_NAMES), backend=backend, state_grad_norms=unscaled)
     (y * w_y).sum().backward()
     assert (norms > 0).all() and rel_err(norms.double() * 1e25, unscaled) < 1e-5
+    rnn = ElmanRNN(2, 5, backend=backend, device=device)  # and rec.norms, the norm over the batch
+    x = torch.randn(4, 3, 2, device=device)
+    with record_state_gradients(rnn) as tiny:
+        (rnn(x)[0].sum() * 1e-25).backward()
+    with record_state_gradients(rnn) as plain:
+        rnn(x)[0].sum().backward()
+    assert (tiny.norms > 0).all() and rel_err(tiny.norms.double() * 1e25, plain.norms) < 1e-5
 
 
 def test_state_gradient_norms_with_lengths():
