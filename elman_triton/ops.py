@@ -334,11 +334,13 @@ def _recurrent_weight_grad(dz, y, h0, lengths, lay, d):
     every other step is one GEMM over strided views (no copy); padding steps contribute nothing (dz
     and y are 0 there, so a reverse row's first step meets the zero y of the padding after it). The
     first steps are one small gather and a GEMM with h0. Batch-first buffers put a row's steps next to
-    each other, and the tensordot over (B, T − 1) views copies them once.
+    each other, and flattening the (B, T − 1) views copies them once.
     """
     dz_d, y_d = _time_major(dz, lay, d), _time_major(y, lay, d)
     later, earlier = (slice(None, -1), slice(1, None)) if _reversed(lay, d) else (slice(1, None), slice(None, -1))
-    grad = torch.tensordot(dz_d[later], y_d[earlier], dims=([0, 1], [0, 1]))
+    # flatten + mm rather than tensordot: with a data-dependent B (a sorted PackedSequence under
+    # torch.compile), tensordot's reshape guards on B and breaks the graph; flatten does not.
+    grad = dz_d[later].flatten(0, 1).T @ y_d[earlier].flatten(0, 1)
     first = _first_steps(lengths, lay, d, dz.device)
     dz_first = dz_d[first, torch.arange(lay.B, device=dz.device)]  # (B, H)
     return grad + dz_first.T @ h0
