@@ -245,9 +245,10 @@ def _plan_cached(kernel, H, dtype, device, opts, meta_items):
 
 def _stand_in_args(kernel, H, dtype, device, B=16):
     Hp = padded(H)
+    accumulator = torch.empty(1, dtype=accumulator_dtype(dtype), device=device)
     tensors = {"p_len": torch.empty(B, dtype=torch.int64, device=device),
                "p_barrier": torch.empty(64, dtype=torch.int32, device=device),
-               "p_dh": torch.empty(1, dtype=accumulator_dtype(dtype), device=device)}
+               "p_dh": accumulator, "p_bias": accumulator}
     ints = dict(T=B, B=B, H=H, unit_begin=0, unit_end=1, dir_base=0, patience=MAX_POLLS,
                 stride_w_d=H * Hp, stride_w_n=Hp, stride_w_k=1, stride_h0_d=B * Hp, stride_h0_b=Hp,
                 stride_dh_d=B * Hp, stride_dh_b=Hp)
