@@ -387,7 +387,7 @@ def _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlin
         ys.append(y)
         h_n.append(h)
     y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
-    return (y.transpose(0, 1) if batch_first else y), torch.stack(h_n)
+    return (y.transpose(0, 1).contiguous() if batch_first else y), torch.stack(h_n)  # nn.RNN's contiguous y
 
 
 def _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
@@ -409,7 +409,8 @@ def _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinear
         x_in = x.flip(time_dim) if reverse else x
         # Positional: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
         y, h_n = run(x_in, hx, params, has_bias, 1, 0.0, False, dirs == 2, batch_first)
-        return (y.flip(time_dim) if reverse else y), h_n
+        # batch-first: torch's kernel hands back a transposed view; ElmanRNN returns a contiguous y
+        return (y.flip(time_dim) if reverse else y).contiguous(), h_n
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
     # Packed: (data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)
     data, h_n = run(packed.data, packed.batch_sizes, hx.index_select(1, packed.sorted_indices), params, has_bias,
@@ -417,7 +418,7 @@ def _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinear
     y, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
                                               packed.unsorted_indices),
                                batch_first=batch_first, total_length=x.shape[time_dim])
-    return y, h_n.index_select(1, packed.unsorted_indices)
+    return y.contiguous(), h_n.index_select(1, packed.unsorted_indices)
 
 
 def _combined_bias(biases_ih, biases_hh, dirs, H, x):

@@ -100,7 +100,7 @@ def row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS: tl.constexpr):
 def is_last_step(t, rev, len_b):
     """[BB] whether t is each row's last step: its length − 1 forward, 0 in reverse (each reverse row
     starts at its own end, len_b − 1, and ends at 0)."""
-    return tl.where(rev, t == 0, t == len_b - 1)
+    return t == tl.where(rev, 0, len_b - 1)  # a where over ints: Triton 3.9's interpreter types a where over bools as int64
 
 
 @triton.jit
