@@ -89,11 +89,14 @@ def _num_warps_large(BH, dtype):
     """Warps for the large-H kernels: enough threads that the [BH, BN] weight slice and the
     [BB, BH] state tile fit in registers without spilling. Chosen from ptxas's register report for
     sm_90a (bf16: 4 warps spill at BH=2048, 8 warps spill in the backward at BH=2048, 16 do not;
-    fp32 at BH ≤ 512 fits in 4; fp64 at BH=512 needs 8)."""
+    fp32 spills a few bytes in the forward with 4 warps at BH = 256 and 8 at BH = 1024, so 8 and 16; fp64
+    at BH=512 needs 8)."""
     if _large.num_warps is not None:
         return _large.num_warps
     if dtype == torch.float64:
         return 4 if BH <= 256 else 8
+    if dtype == torch.float32:
+        return 8 if BH <= 512 else 16
     return 4 if BH <= 512 else 8 if BH <= 1024 else 16
 
 
