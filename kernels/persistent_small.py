@@ -64,7 +64,7 @@ def elman_persistent_small_fwd_kernel(
         active = (t < len_b)[:, None]
         b_h = tl.where(active, activation(z, ACT, FAST_TANH), b_h)
         tl.store(p_y + o_t, tl.where(active, b_h, 0.0).to(p_y.dtype.element_ty), mask=m_store)
-    tl.store(p_hn + i_d * B * H + o_b[:, None] * H + o_h[None, :], b_h.to(p_hn.dtype.element_ty), mask=m_bh)
+    tl.store(p_hn + i_d.to(tl.int64) * B * H + o_b[:, None] * H + o_h[None, :], b_h.to(p_hn.dtype.element_ty), mask=m_bh)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -105,7 +105,7 @@ def elman_persistent_small_bwd_kernel(
         b_dz = tl.where(active & m_h[None, :], (b_dy + b_dh) * activation_grad(b_h, ACT), 0.0).to(dz_ty)
         tl.store(p_dz + t64 * stride_y_t + o_seq, b_dz, mask=m_store)
         b_dh = tl.where(active, matmul(b_dz, b_w, PRECISION, UPCAST), b_dh)
-    tl.store(p_dh0 + i_d * B * H + o_b[:, None] * H + o_h[None, :], b_dh, mask=m_bh)
+    tl.store(p_dh0 + i_d.to(tl.int64) * B * H + o_b[:, None] * H + o_h[None, :], b_dh, mask=m_bh)
 
 
 @triton.jit

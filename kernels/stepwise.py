@@ -86,7 +86,7 @@ def elman_step_fwd_kernel(
         z += tl.load(p_bias + i_d * H + o_n, mask=m_n, other=0.0).to(acc.dtype)[None, :]
     b_h = tl.where((t < len_b)[:, None], activation(z, ACT, FAST_TANH), 0.0)  # [BB, BN]
     tl.store(p_y + o_out, b_h.to(p_y.dtype.element_ty), mask=m_b[:, None] & (o_n < stride_y_d)[None, :])
-    p_hn = p_hn + i_d * B * H + o_b[:, None] * H + o_n[None, :]
+    p_hn = p_hn + i_d.to(tl.int64) * B * H + o_b[:, None] * H + o_n[None, :]
     tl.store(p_hn, b_h.to(p_hn.dtype.element_ty), mask=m_bn & is_last_step(t, rev, len_b)[:, None])
 
 
