@@ -1,9 +1,11 @@
 """Host side of the stepwise backend: one fused Triton launch per time step (kernels/stepwise.py), both
-directions of a layer in each launch (the grid's third axis).
+directions of a layer in each launch (the grid's third axis), for every cell (G gates: 1 Elman, 3 GRU,
+4 LSTM, the kernels' CELL constexpr).
 
-Both functions fill caller-allocated outputs, so nothing is written that the caller cannot see (the
+The functions fill caller-allocated outputs, so nothing is written that the caller cannot see (the
 tests poison those buffers with NaN first). User tensors (h0, W_hh, dy, dh_n) are read through their
-strides; the sequence buffers this package allocates are indexed through their Layout.
+strides; the sequence buffers this package allocates are indexed through their Layout, and the gate
+buffers (G·Hp columns per direction, S·Hp for dz) through their own (t, b) strides.
 
 Host cost per step: the arguments are bound once per call (config.direct_launcher) and every step
 passes the same tuple with only the step index changed; benchmarks/host_overhead.py measures it.
@@ -32,47 +34,99 @@ def block_sizes(B, H):
     return BB, BN, BK
 
 
+def gate_slots(G):
+    """Slots per direction of dz and of the bias: one per gate, and GRU's n gate has two (its hidden
+    side ĥ is scaled by r, its input side is not)."""
+    return G + (G == 3)
+
+
 def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
-    """y[t] = act(h_{t∓1} W_hhᵀ + xp[t] + bias) for every step of every direction; h_n (dirs, B, H) gets
-    each row's last state. xp, y: sequence buffers (y may be xp); h0: (dirs, B, Hp) and weight_hh (dirs, H, Hp),
-    rows padded like y's (zeros past H);
-    (dirs, H, H); bias: (dirs, H) contiguous or None; lengths: (B,) or None."""
+    """Elman: y[t] = act(h_{t∓1} W_hhᵀ + xp[t] + bias) for every step of every direction; h_n (dirs, B, H)
+    gets each row's last state. xp, y: sequence buffers (y may be xp); h0: (dirs, B, Hp) and weight_hh
+    (dirs, H, Hp), rows padded like y's (zeros past H); bias: (dirs, H) contiguous or None; lengths: (B,)
+    or None."""
+    cell_forward_recurrence(1, xp, y, y, y, h0, h0, weight_hh, bias, h_n, h_n, lengths, opts, layout)
+
+
+def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
+    """Elman BPTT through the recurrence. Fills dz (y's layout) and returns ∂L/∂h0 (dirs, B, H) in the
+    accumulator dtype. dy: y's shape, any strides (autograd hands over expanded zeros, for example);
+    dh_n: (dirs, B, H), any strides."""
+    return cell_backward_recurrence(1, dy, dh_n, None, y, y, y, y, y, weight_hh, dz, lengths, opts, layout)[0]
+
+
+def cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, weight_hh, bias, h_n, c_n, lengths, opts, layout):
+    """The forward of a G-gate cell. xp: (T, B, dirs·G·Hp) gate pre-activations x W_ihᵀ (batch-first:
+    (B, T, ·)), gate g of direction d in columns (d·G + g)·Hp …; gates: xp's shape and strides (may be
+    xp), gets the activated gates (G > 1); y: sequence buffer; aux: y's shape and strides in the
+    accumulator dtype, gets LSTM's c_t / GRU's ĥ_t (G > 1); h0, c0: (dirs, B, Hp) with the same
+    strides, rows padded; weight_hh (dirs, G·H, Hp); bias: (dirs, S, H) contiguous in the accumulator
+    dtype (see kernels/stepwise.py) or None; h_n, c_n: (dirs, B, H) contiguous. Elman passes y for
+    gates and aux, h0 for c0, h_n for c_n (unused)."""
     lay = layout
-    lay.check(xp, "xp")
     lay.check(y, "y")
+    _check_gates(xp, lay, G, "xp")
+    _check_gates(gates, lay, G, "gates")
+    assert h0.stride() == c0.stride(), "h0 and c0 share strides"
     BB, BN, BK = block_sizes(lay.B, lay.H)
     grid = (cdiv(lay.B, BB), cdiv(lay.H, BN), lay.dirs)
-    head = (xp, y, h0, weight_hh, bias if bias is not None else xp, h_n, lengths)
-    tail = (lay.T, lay.B, lay.H, *lay.seq_strides, h0.stride(0), h0.stride(1), *weight_hh.stride())
+    head = (xp, y, gates, aux, h0, c0, weight_hh, bias if bias is not None else xp, h_n, c_n, lengths)
+    tail = (lay.T, lay.B, lay.H, *_tb_strides(xp, lay), *lay.seq_strides, h0.stride(0), h0.stride(1),
+            *weight_hh.stride())
     meta = dict(HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT,
                 FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST,
-                BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS)
+                BB=BB, BN=BN, BK=BK, CELL=G, num_warps=NUM_WARPS)
     with on_device(y):
         launch = direct_launcher(elman_step_fwd_kernel, grid, (*head, 0, *tail), meta)
         for s in range(lay.T):
             launch(*head, s, *tail)
 
 
-def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
-    """BPTT through the recurrence. Fills dz (y's layout) and returns ∂L/∂h0 (dirs, B, H) in the
-    accumulator dtype. dy: y's shape, any strides (autograd hands over expanded zeros, for example);
-    dh_n: (dirs, B, H), any strides."""
+def cell_backward_recurrence(G, dy, dh_n, dc_n, y, h0, gates, aux, c0, weight_hh, dz, lengths, opts, layout):
+    """BPTT of a G-gate cell. Fills dz ((T, B, dirs·S·Hp) in xp's order, S = gate_slots(G): the gradients
+    of the hidden-side pre-activations of each gate, and GRU's input-side n gradient in slot 3) and
+    returns (∂L/∂h0, ∂L/∂c0 or None), (dirs, B, H) views of the accumulator-dtype carries. dy: y's
+    shape, any strides; dh_n, dc_n: (dirs, B, H), any strides (dc_n: LSTM only). The saved y, gates,
+    aux and the padded h0, c0 as the forward had them."""
     lay = layout
-    lay.check(dz, "dz")
-    dh_next = torch.empty(lay.dirs, lay.B, lay.Hp, dtype=accumulator_dtype(y.dtype), device=y.device)
-    dh_next[..., :lay.H].copy_(dh_n)
-    dh = torch.empty_like(dh_next)
+    lay.check(y, "y")
+    _check_gates(gates, lay, G, "gates")
+    _check_gates(dz, lay, gate_slots(G), "dz")
+    dh_a, dh_b = _carries(dh_n, lay, y)
+    dc_a, dc_b = _carries(dc_n, lay, y) if G == 4 else (dh_a, dh_b)  # Elman, GRU: no dc (never read)
     BB, BN, BK = block_sizes(lay.B, lay.H)
     grid = (cdiv(lay.B, BB), cdiv(lay.H, BK), lay.dirs)
     meta = dict(HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT, PRECISION=opts.PRECISION,
-                UPCAST=opts.UPCAST, BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS)
+                UPCAST=opts.UPCAST, BB=BB, BN=BN, BK=BK, CELL=G, num_warps=NUM_WARPS)
 
-    # dh_next and dh swap roles every step: the two argument heads are built once.
-    heads = [(dy, src, y, weight_hh, dz, dst, lengths) for src, dst in ((dh_next, dh), (dh, dh_next))]
-    tail = (lay.T, lay.B, lay.H, *lay.dy_strides(dy), *lay.seq_strides, dh.stride(0), dh.stride(1),
-            *weight_hh.stride())
+    # The carries swap roles every step: the two argument heads are built once.
+    heads = [(dy, dh_src, dc_src, y, h0, gates, aux, c0, weight_hh, dz, dh_dst, dc_dst, lengths)
+             for dh_src, dh_dst, dc_src, dc_dst in ((dh_a, dh_b, dc_a, dc_b), (dh_b, dh_a, dc_b, dc_a))]
+    tail = (lay.T, lay.B, lay.H, *lay.dy_strides(dy), *lay.seq_strides, *_tb_strides(gates, lay),
+            *_tb_strides(dz, lay), h0.stride(0), h0.stride(1), dh_a.stride(0), dh_a.stride(1), *weight_hh.stride())
     with on_device(y):
         launch = direct_launcher(elman_step_bwd_kernel, grid, (*heads[0], 0, *tail), meta)
         for s in range(lay.T):
             launch(*heads[s % 2], s, *tail)
-    return (dh_next if lay.T % 2 == 0 else dh)[..., :lay.H]
+    dh0, dc0 = (dh_a, dc_a) if lay.T % 2 == 0 else (dh_b, dc_b)
+    return dh0[..., :lay.H], (dc0[..., :lay.H] if G == 4 else None)
+
+
+def _carries(grad, lay, y):
+    """Two (dirs, B, Hp) accumulator-dtype carries, the first holding grad (dirs, B, H): the kernels
+    read one and write the other every step."""
+    first = torch.empty(lay.dirs, lay.B, lay.Hp, dtype=accumulator_dtype(y.dtype), device=y.device)
+    first[..., :lay.H].copy_(grad)
+    return first, torch.empty_like(first)
+
+
+def _tb_strides(buf, lay):
+    """(t, b) strides of a gate buffer in the layer's order."""
+    return (buf.stride(1), buf.stride(0)) if lay.batch_first else (buf.stride(0), buf.stride(1))
+
+
+def _check_gates(buf, lay, slots, name):
+    """Gate buffers have rows of dirs·slots·Hp contiguous columns, in the layer's (t, b) order."""
+    T, B = (buf.shape[1], buf.shape[0]) if lay.batch_first else buf.shape[:2]
+    ok = buf.stride(2) == 1 and buf.shape[2] == lay.dirs * slots * lay.Hp and (T, B) == (lay.T, lay.B)
+    assert ok, f"{name} does not have the layer's gate-buffer layout ({slots} slots) {lay}"
