@@ -20,8 +20,23 @@ pad_packed_sequence / pack_padded_sequence would stop torch.compile (Dynamo skip
 a shape where one tells it (_packed_batch_size), so the graph has no data-dependent size except for a
 sorted PackedSequence without hx. Padded positions never reach the returned PackedSequence or h_n, so
 they get no gradient.
+
+The state-gradient hook (for research tools; elman_triton.diagnostics.record_state_gradients uses it).
+`state_grad_norms_hook` is None on both classes. A tool may set it on one instance, as
+`module.state_grad_norms_hook = hook`, and remove it with `del module.state_grad_norms_hook`. While it
+is set, every forward call asks it once, before the first layer, for the buffers the op's backward
+fills with ‖∂L/∂h_t‖ (elman_rnn's state_grad_norms):
+
+    hook(T, B, device, unsorted_indices) -> one float32 (directions, T, B) tensor per layer
+
+T and B are the padded batch's steps and rows: time-major and length-sorted for packed input. An
+ElmanRNNCell call has T = 1 and one layer and direction. unsorted_indices is the PackedSequence's
+(None otherwise), for mapping the rows back to the caller's order. Under torch.compile, a call with
+the hook set runs eagerly (a graph break), because inductor rejects a buffer that is created inside a
+graph and written by that graph's backward. Without the hook, forward is unchanged.
 """
 import contextlib
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -30,7 +45,11 @@ from torch.nn.utils.rnn import PackedSequence
 
 from elman_triton.ops import BACKENDS, elman_rnn, run_layer
 
-__all__ = ["ElmanRNN", "ElmanRNNCell"]
+__all__ = ["ElmanRNN", "ElmanRNNCell", "StateGradNormsHook"]
+
+#: The state-gradient hook's type (see the module docstring): (T, B, device, unsorted_indices) -> one
+#: float32 (directions, T, B) buffer per layer.
+StateGradNormsHook = Callable[[int, int, torch.device, torch.Tensor | None], list[torch.Tensor]]
 
 
 class ElmanRNN(nn.RNNBase):
@@ -39,6 +58,8 @@ class ElmanRNN(nn.RNNBase):
 
     A subclass of nn.RNNBase, not of nn.RNN, so that torch.compile traces it (fullgraph=True works):
     `isinstance(m, nn.RNN)` is False, `isinstance(m, nn.RNNBase)` is True."""
+
+    state_grad_norms_hook: StateGradNormsHook | None = None  # the research hook: see the module docstring
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
@@ -61,6 +82,8 @@ class ElmanRNN(nn.RNNBase):
 
     def forward(self, input, hx=None):
         """Same contract as torch.nn.RNN.forward: (output, h_n); PackedSequence in, PackedSequence out."""
+        if self.state_grad_norms_hook is not None and torch.compiler.is_compiling():
+            return _forward_eagerly(self, input, hx)  # recording: see the hook in the module docstring
         self._update_flat_weights()  # as nn.RNN: check_input reads the weights' dtype from _flat_weights
         num_directions = 2 if self.bidirectional else 1
         batch = None
@@ -92,6 +115,8 @@ class ElmanRNN(nn.RNNBase):
         batch_first = self.batch_first and batch is None
         if x.shape[1 if batch_first else 0] == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        norms = _state_grad_norms(self, x, batch_first, None if batch is None else input.unsorted_indices,
+                                  self.num_layers)
 
         x, hx, weights, no_autocast = _cast_like_autocast(x, hx, self.all_weights)
         with no_autocast:
@@ -100,7 +125,7 @@ class ElmanRNN(nn.RNNBase):
                 last = layer == self.num_layers - 1
                 k = layer * num_directions
                 x, h = self._layer(x, None if hx is None else hx[k:k + num_directions],
-                                   weights[k:k + num_directions], batch, batch_first)
+                                   weights[k:k + num_directions], batch, batch_first, norms[layer])
                 h_n.append(h)
                 if not last and self.dropout > 0 and self.training:
                     x = dropout(x, self.dropout, training=True)
@@ -113,21 +138,24 @@ class ElmanRNN(nn.RNNBase):
             return x.squeeze(0 if self.batch_first else 1), h_n.squeeze(1)
         return x, h_n
 
-    def _layer(self, x, hx, weights, batch, batch_first):
+    def _layer(self, x, hx, weights, batch, batch_first, state_grad_norms=None):
         """One layer, every direction, in one op call (both directions share each launch). x: (T, B, D),
         or (B, T, D) with batch_first; hx: (directions, B, H) or None; weights: one list per direction;
-        batch: the _PackedBatch of packed input, else None. Returns the output, (T, B, directions·H) or
+        batch: the _PackedBatch of packed input, else None; state_grad_norms: the hook's buffer for this
+        layer, or None. Returns the output, (T, B, directions·H) or
         (B, T, directions·H), and h_n (directions, B, H)."""
         w_ih, w_hh, *biases = zip(*weights)
         b_ih, b_hh = biases or (None, None)
         return run_layer(x, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity=self.nonlinearity, backend=self.backend,
                          lengths=None if batch is None else batch.lengths, batch_first=batch_first,
-                         lengths_are_valid=True)
+                         lengths_are_valid=True, state_grad_norms=state_grad_norms)
 
 
 class ElmanRNNCell(nn.RNNCell):
     """torch.nn.RNNCell with the step in elman_rnn (T = 1). Same arguments, plus keyword-only `backend`.
     Unlike nn.RNNCell, an unknown nonlinearity raises ValueError here, at construction."""
+
+    state_grad_norms_hook: StateGradNormsHook | None = None  # the research hook: see the module docstring
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *,
                  backend="auto"):
@@ -141,6 +169,8 @@ class ElmanRNNCell(nn.RNNCell):
 
     def forward(self, input, hx=None):
         """Same contract as torch.nn.RNNCell.forward: h' of shape (B, H), or (H,) for unbatched input."""
+        if self.state_grad_norms_hook is not None and torch.compiler.is_compiling():
+            return _forward_eagerly(self, input, hx)  # recording: see the hook in the module docstring
         # Checks and messages as nn.RNNCell and its kernel (ValueError for ranks, RuntimeError for sizes).
         if input.dim() not in (1, 2):
             raise ValueError(f"RNNCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -162,7 +192,9 @@ class ElmanRNNCell(nn.RNNCell):
         weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
         x, hx, (weights,), no_autocast = _cast_like_autocast(input.unsqueeze(0), hx, [weights])
         with no_autocast:
-            _, h = _elman(x, hx, weights, self.nonlinearity, self.backend)
+            (norms,) = _state_grad_norms(self, x, False, None, 1)
+            _, h = _elman(x, hx, weights, self.nonlinearity, self.backend,
+                          state_grad_norms=None if norms is None else norms[0])
         return h if batched else h.squeeze(0)
 
 
@@ -210,10 +242,27 @@ class _PackedBatch:
 
 
 
-def _elman(x, h0, weights, nonlinearity, backend, reverse=False):
+def _elman(x, h0, weights, nonlinearity, backend, reverse=False, state_grad_norms=None):
     w_ih, w_hh, *biases = weights
     b_ih, b_hh = biases or (None, None)
-    return elman_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, backend=backend, reverse=reverse)
+    return elman_rnn(x, h0, w_ih, w_hh, b_ih, b_hh, nonlinearity=nonlinearity, backend=backend, reverse=reverse,
+                     state_grad_norms=state_grad_norms)
+
+
+def _state_grad_norms(module, x, batch_first, unsorted_indices, layers):
+    """One state-gradient buffer per layer from module.state_grad_norms_hook (see the module docstring),
+    or None per layer when no hook is set."""
+    hook = module.state_grad_norms_hook
+    if hook is None:
+        return [None] * layers
+    T, B = (x.shape[1], x.shape[0]) if batch_first else x.shape[:2]
+    return hook(T, B, x.device, unsorted_indices)
+
+
+@torch.compiler.disable
+def _forward_eagerly(module, input, hx):
+    """A forward call with the state-gradient hook set, reached under torch.compile: run it eagerly."""
+    return module.forward(input, hx)
 
 
 def _cast_like_autocast(x, hx, weights):

@@ -35,7 +35,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from elman_triton import persistent, stepwise
 from elman_triton.config import (INTERPRETED, SUPPORTED_DTYPES, Layout, accumulator_dtype, kernel_options,
                                  padded)
-from elman_triton.diagnostics import check_norms_buffer, state_gradient_norms
+from elman_triton.state_gradients import check_norms_buffer, state_gradient_norms
 from elman_triton.reference import ACTIVATIONS, elman_rnn_reference
 
 BACKENDS = ("auto", "stepwise", "persistent", "reference")

@@ -5,7 +5,8 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from elman_triton import ElmanRNN, ElmanRNNCell, elman_rnn, persistent, record_state_gradients, stepwise
-from elman_triton.diagnostics import state_gradient_norms
+from elman_triton.ops import run_layer
+from elman_triton.state_gradients import state_gradient_norms
 from oracles import INPUT_NAMES
 from utils import TOLERANCE, as_float64, count_launches, make_problem, rel_err
 
@@ -220,8 +221,56 @@ def test_nothing_recorded_or_patched_outside_the_context(device):
     norms = rec.norms.clone()
     rnn(torch.randn(5, 2, 3, device=device))[0].sum().backward()  # outside: rec does not change
     assert torch.equal(rec.norms, norms) and "forward" not in vars(rnn) and rnn.forward == forward
+    assert rnn.state_grad_norms_hook is None and "state_grad_norms_hook" not in vars(rnn)  # the hook is removed
     import elman_triton.modules
-    assert elman_triton.modules.elman_rnn is elman_rnn
+    assert elman_triton.modules.elman_rnn is elman_rnn and elman_triton.modules.run_layer is run_layer
+
+
+@pytest.mark.parametrize("kind", ["rnn", "cell"])
+def test_norms_read_before_backward_raise(kind, device):
+    """The buffers are zeros until a backward writes them: reading them earlier is an error, not all-zero norms
+    (which would read as a vanished gradient)."""
+    module = ElmanRNN(3, 4, 2, device=device) if kind == "rnn" else ElmanRNNCell(3, 4, device=device)
+    x = torch.randn(5, 2, 3, device=device) if kind == "rnn" else torch.randn(2, 3, device=device)
+    with record_state_gradients(module, per_sample=True) as rec:
+        out = module(x)
+        for name in ("norms", "per_sample"):
+            with pytest.raises(RuntimeError, match="no backward has run"):
+                getattr(rec, name)
+        (out[0] if kind == "rnn" else out).sum().backward()
+        assert (rec.norms > 0).all()
+        if kind == "rnn":  # a new forward replaces the recorded pass: its norms are not there until its backward
+            module(x)
+            with pytest.raises(RuntimeError, match="no backward has run"):
+                rec.norms
+
+
+def test_hook_protocol(device):
+    """modules' documented state_grad_norms_hook: asked once per forward for one (directions, T, B) buffer per
+    layer (T and B of the padded, length-sorted batch; batch_first input too), which the backward fills."""
+    rnn = ElmanRNN(3, 4, 2, bidirectional=True, batch_first=True, backend="reference", device=device)
+    asked = []
+
+    def hook(T, B, device, unsorted_indices):
+        asked.append((T, B, unsorted_indices))
+        return [torch.zeros(2, T, B, device=device) for _ in range(2)]
+
+    rnn.state_grad_norms_hook = hook
+    try:
+        rnn(torch.randn(2, 5, 3, device=device))
+        packed = pack_padded_sequence(torch.randn(2, 5, 3, device=device), torch.tensor([2, 5]), batch_first=True,
+                                      enforce_sorted=False)
+        y, _ = rnn(packed)
+        buffers = hook(5, 2, device, None)
+        asked.pop()
+        rnn.state_grad_norms_hook = lambda *args: buffers
+        rnn(packed)[0].data.sum().backward()
+    finally:
+        del rnn.state_grad_norms_hook
+    assert [a[:2] for a in asked] == [(5, 2), (5, 2)] and asked[0][2] is None
+    assert torch.equal(asked[1][2], packed.unsorted_indices)
+    # Rows in sorted order: the length-5 row first, then the length-2 row, zero past its 2 steps.
+    assert all((b[:, :2] > 0).all() and (b[:, 2:, 0] > 0).all() and (b[:, 2:, 1] == 0).all() for b in buffers)
 
 
 def test_errors(device):
