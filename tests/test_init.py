@@ -1,4 +1,6 @@
 """elman_triton.init: irnn_ and orthogonal_ on every layer and direction of ElmanRNN, and on ElmanRNNCell."""
+import warnings
+
 import pytest
 import torch
 
@@ -74,3 +76,17 @@ def test_errors():
         init.orthogonal_(torch.nn.Linear(3, 4))
     with pytest.raises(ValueError, match="spectral_radius"):
         init.orthogonal_(ElmanRNN(3, 4), spectral_radius=-1.0)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "cell", "nn.RNN"])
+def test_irnn_warns_on_tanh(kind, device):
+    """The IRNN is meant for relu: on a tanh module irnn_ warns (and still initialises); on relu it is silent."""
+    make = {"rnn": ElmanRNN, "cell": ElmanRNNCell, "nn.RNN": torch.nn.RNN}[kind]
+    tanh = make(3, 4, device=device)
+    with pytest.warns(UserWarning, match="nonlinearity='relu'"):
+        assert init.irnn_(tanh) is tanh
+    assert torch.equal(tanh.weight_hh_l0 if kind != "cell" else tanh.weight_hh, torch.eye(4, device=device))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        init.irnn_(make(3, 4, nonlinearity="relu", device=device))
+        init.orthogonal_(make(3, 4, device=device))  # orthogonal_ suits both
