@@ -95,12 +95,12 @@ def elman_step_fwd_kernel(
         m_k = o_k < Hp
         b_h_prev = tl.load(p_rows[:, None] + o_k[None, :], mask=m_b[:, None] & m_k[None, :],
                            other=0.0, cache_modifier=".cg")  # [BB, BK]; padding columns hold zeros
-        acc0 += matmul(b_h_prev, _w_tile(p_w, 0, H, o_k, o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
+        acc0 += matmul(b_h_prev, _w_tile(p_w, o_k, o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
         if G > 1:
-            acc1 += matmul(b_h_prev, _w_tile(p_w, 1, H, o_k, o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
-            acc2 += matmul(b_h_prev, _w_tile(p_w, 2, H, o_k, o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
+            acc1 += matmul(b_h_prev, _w_tile(p_w, o_k, 1 * H + o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
+            acc2 += matmul(b_h_prev, _w_tile(p_w, o_k, 2 * H + o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
         if G > 3:
-            acc3 += matmul(b_h_prev, _w_tile(p_w, 3, H, o_k, o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
+            acc3 += matmul(b_h_prev, _w_tile(p_w, o_k, 3 * H + o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
 
     m_bn = m_b[:, None] & m_n[None, :]
     m_store = m_b[:, None] & (o_n < Hp)[None, :]  # padding columns too (they get zeros)
@@ -152,10 +152,11 @@ def elman_step_fwd_kernel(
 
 
 @triton.jit
-def _w_tile(p_w, g, H, o_k, o_n, m_k, m_n, stride_w_k, stride_w_n):
-    """W_hh,gᵀ[o_k, o_n] ([BK, BN]): rows g·H + o_n of the direction's W_hh, columns o_k (masked at Hp)."""
-    p = p_w + o_k[:, None] * stride_w_k + (g * H + o_n)[None, :] * stride_w_n
-    return tl.load(p, mask=m_k[:, None] & m_n[None, :], other=0.0)
+def _w_tile(p_w, o_r, o_c, m_r, m_c, stride_r, stride_c):
+    """A [R, C] tile of the direction's W_hh: element (o_r, o_c) at o_r·stride_r + o_c·stride_c. Gate g's
+    rows are g·H + n; with the strides swapped the tile is W_hhᵀ's."""
+    return tl.load(p_w + o_r[:, None] * stride_r + o_c[None, :] * stride_c, mask=m_r[:, None] & m_c[None, :],
+                   other=0.0)
 
 
 @triton.jit(do_not_specialize=["s", "T"])
@@ -228,12 +229,12 @@ def elman_step_bwd_kernel(
         e0, e1, e2, e3, _, _, _, _, _ = _grad_tile(
             p_dy, p_dh_next, p_dc_next, p_y, p_rows, p_gates, p_aux, p_crows, o_b, o_n, m_b, m_n, active,
             stride_dy_b, stride_dy_h, stride_y_b, stride_x_b, stride_dh_b, Hp, CELL, ACT)  # [BB, BN] each
-        acc += matmul(e0.to(dz_ty), _w_tile(p_w, 0, H, o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
+        acc += matmul(e0.to(dz_ty), _w_tile(p_w, o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
         if G > 1:
-            acc += matmul(e1.to(dz_ty), _w_tile(p_w, 1, H, o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
-            acc += matmul(e2.to(dz_ty), _w_tile(p_w, 2, H, o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
+            acc += matmul(e1.to(dz_ty), _w_tile(p_w, 1 * H + o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
+            acc += matmul(e2.to(dz_ty), _w_tile(p_w, 2 * H + o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
         if G > 3:
-            acc += matmul(e3.to(dz_ty), _w_tile(p_w, 3, H, o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
+            acc += matmul(e3.to(dz_ty), _w_tile(p_w, 3 * H + o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
     b_dh = tl.where(active[:, None], acc + dh_direct, dh_own)  # padding steps pass the gradient through unchanged
     tl.store(p_dh + i_d * stride_dh_d + o_b[:, None] * stride_dh_b + o_k[None, :], b_dh, mask=m_own)
 
