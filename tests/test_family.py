@@ -1,0 +1,216 @@
+"""LSTM, GRU, LSTMCell, GRUCell and their ops against torch.nn's, in float64 on every backend: outputs,
+h_n, c_n and the gradient of the input, the initial states and every parameter; the Triton path on odd
+shapes (H and B not powers of 2, T = 1, B = 1, B across batch tiles), both directions, several layers,
+batch_first, packed input, lengths in reverse, proj_size; fp64 gradcheck of the kernels; state dicts
+both ways; nn's errors."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from elman_triton.family import GRU, LSTM, GRUCell, LSTMCell
+from elman_triton.family_ops import gru, gru_layer, lstm, lstm_layer
+from elman_triton.reference import gru_reference, lstm_reference
+from utils import rel_err
+
+F64 = torch.float64
+TOL = 1e-12  # float64, as utils.TOLERANCE
+OURS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
+BACKENDS = ["reference", "auto", "stepwise"]
+
+
+def twins(nn_cls, backend, device, **kwargs):
+    """torch.nn's module and ours with the same parameters (loaded through our state dict), float64."""
+    ref = nn_cls(**kwargs, dtype=F64, device=device)
+    ours = OURS[nn_cls](**kwargs, dtype=F64, device=device, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def flat(out):
+    """The tensors of a module's output: (y, h) or (y, (h, c)), PackedSequence data for packed y."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, nn.utils.rnn.PackedSequence):
+        return [out.data]
+    return [t for o in out for t in flat(o)]
+
+
+def assert_same(ref, ours, make_inputs):
+    """Values and every gradient (inputs, states, parameters) of ours against ref on fresh inputs."""
+    inputs = make_inputs()
+    leaves = [t for t in flat(inputs) if t.requires_grad]
+    outs = [flat(m(*inputs)) for m in (ref, ours)]
+    assert len(outs[0]) == len(outs[1])
+    for a, b in zip(outs[1], outs[0]):
+        assert a.shape == b.shape and rel_err(a, b) <= TOL
+    weights = [torch.randn_like(t) for t in outs[0]]  # every output gets its own random cotangent
+    grads = []
+    for m, out in zip((ref, ours), outs):
+        loss = sum((w * t).sum() for w, t in zip(weights, out))
+        grads.append(torch.autograd.grad(loss, leaves + list(m.parameters())))
+    names = [f"input {i}" for i in range(len(leaves))] + [n for n, _ in ref.named_parameters()]
+    for name, a, b in zip(names, grads[1], grads[0]):
+        assert rel_err(a, b) <= TOL, name
+
+
+def rand(*shape, device):
+    return torch.randn(*shape, dtype=F64, device=device, requires_grad=True)
+
+
+MODULE_CASES = {  # (T, B, D, H, options): odd H and B, T = 1, B = 1, B across the kernels' batch tiles
+    "deep-bidirectional": (4, 3, 5, 17, dict(num_layers=2, bidirectional=True)),
+    "batch-first-T1": (1, 5, 3, 6, dict(batch_first=True)),
+    "B1-no-bias": (3, 1, 2, 5, dict(bias=False)),
+    "B-across-tiles": (2, 65, 2, 3, dict()),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", MODULE_CASES)
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_module_matches_nn(nn_cls, case, backend, device):
+    T, B, D, H, options = MODULE_CASES[case]
+    ref, ours = twins(nn_cls, backend, device, input_size=D, hidden_size=H, **options)
+    layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
+    shape = (B, T, D) if options.get("batch_first") else (T, B, D)
+
+    def inputs():
+        h0 = rand(layers, B, H, device=device)
+        return (rand(*shape, device=device), (h0, rand(layers, B, H, device=device)) if nn_cls is nn.LSTM else h0)
+    assert_same(ref, ours, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_packed_sequence(nn_cls, backend, device):
+    """Unsorted lengths, both directions, no hx: PackedSequence out, h_n (c_n) each row's own last state."""
+    T, B, D, H = 5, 4, 3, 7
+    ref, ours = twins(nn_cls, backend, device, input_size=D, hidden_size=H, bidirectional=True)
+    lengths = torch.tensor([3, 5, 1, 4])
+
+    def inputs():
+        return (pack_padded_sequence(rand(T, B, D, device=device), lengths, enforce_sorted=False),)
+    assert_same(ref, ours, inputs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lstm_proj_size_and_unbatched(backend, device):
+    """proj_size (the Triton backends' documented reference path) and unbatched 2-D input with (h0, c0)."""
+    T, D, H, P = 3, 4, 6, 3
+    ref, ours = twins(nn.LSTM, backend, device, input_size=D, hidden_size=H, proj_size=P, num_layers=2)
+    assert_same(ref, ours, lambda: (rand(T, D, device=device), (rand(2, P, device=device), rand(2, H, device=device))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nn_cls", [nn.LSTMCell, nn.GRUCell], ids=["LSTMCell", "GRUCell"])
+def test_cells_match_nn(nn_cls, backend, device):
+    B, D, H = 3, 4, 5
+    ref, ours = twins(nn_cls, backend, device, input_size=D, hidden_size=H)
+
+    def inputs():
+        h0 = rand(B, H, device=device)
+        return rand(B, D, device=device), (h0, rand(B, H, device=device)) if nn_cls is nn.LSTMCell else h0
+    assert_same(ref, ours, inputs)
+    assert_same(ref, ours, lambda: (rand(D, device=device),))  # unbatched, no hx
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_reverse_with_lengths(cell, device):
+    """A reverse-only layer with lengths (no nn counterpart): each row starts at its own end; the Triton
+    path against the reference loop, values and gradients."""
+    T, B, D, H, G = 4, 3, 2, 5, 4 if cell == "lstm" else 3
+    x, h0, c0 = rand(T, B, D, device=device), rand(B, H, device=device), rand(B, H, device=device)
+    weights = [rand(G * H, D, device=device), rand(G * H, H, device=device), rand(G * H, device=device),
+               rand(G * H, device=device)]
+    lengths = torch.tensor([2, 4, 1], device=device)
+    results = []
+    for backend in ("reference", "stepwise"):
+        if cell == "lstm":
+            y, (h, c) = lstm(x, (h0, c0), *weights, backend=backend, reverse=True, lengths=lengths)
+            outs = [y, h, c]
+        else:
+            y, h = gru(x, h0, *weights, backend=backend, reverse=True, lengths=lengths)
+            outs = [y, h]
+        loss = sum((torch.sin(t) * (i + 1)).sum() for i, t in enumerate(outs))
+        results.append(outs + list(torch.autograd.grad(loss, [x, h0] + ([c0] if cell == "lstm" else []) + weights)))
+    for a, b in zip(results[1], results[0]):
+        assert rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradcheck_kernels(cell, device):
+    """fp64 gradcheck of the stepwise kernels through the layer op: two directions, batch_first, H not a
+    multiple of 16, lengths. fast_mode (a random projection of the Jacobian) keeps it to a few passes
+    of the interpreted kernels; the comparisons against nn above check every gradient entry."""
+    T, B, D, H, G = 3, 2, 2, 3, 4 if cell == "lstm" else 3
+    x = rand(B, T, D, device=device)
+    h0, c0 = rand(2, B, H, device=device), rand(2, B, H, device=device)
+    w = [rand(G * H, n, device=device) * 0.5 for n in (D, H)] + [rand(G * H, device=device) for _ in range(2)]
+    lengths = torch.tensor([3, 2], device=device)
+
+    def run(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        args = ((w_ih, w_ih.flip(0)), (w_hh, w_hh.flip(0)), (b_ih, b_ih), (b_hh, b_hh))
+        if cell == "lstm":
+            y, (h, c) = lstm_layer(x, (h0, c0), *args, backend="stepwise", batch_first=True, lengths=lengths)
+            return y, h, c
+        return gru_layer(x, h0, *args, backend="stepwise", batch_first=True, lengths=lengths)
+    assert torch.autograd.gradcheck(run, (x, h0, c0, *(t.detach().requires_grad_() for t in w)), fast_mode=True)
+
+
+def test_functional_ops_match_references(device):
+    """lstm / gru (one direction) against lstm_reference / gru_reference, on the Triton path."""
+    T, B, D, H = 3, 2, 4, 5
+    x, h0, c0 = rand(T, B, D, device=device), rand(B, H, device=device), rand(B, H, device=device)
+    lw = [rand(4 * H, D, device=device), rand(4 * H, H, device=device)]
+    gw = [rand(3 * H, D, device=device), rand(3 * H, H, device=device)]
+    y, (h, c) = lstm(x, (h0, c0), *lw, backend="stepwise")
+    y_ref, h_ref, c_ref = lstm_reference(x, h0, c0, *lw)
+    assert max(rel_err(a, b) for a, b in ((y, y_ref), (h, h_ref), (c, c_ref))) <= TOL
+    y, h = gru(x, h0, *gw, backend="stepwise")
+    y_ref, h_ref = gru_reference(x, h0, *gw)
+    assert max(rel_err(a, b) for a, b in ((y, y_ref), (h, h_ref))) <= TOL
+
+
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell],
+                         ids=["LSTM", "GRU", "LSTMCell", "GRUCell"])
+def test_state_dicts_both_ways(nn_cls):
+    kwargs = dict(input_size=3, hidden_size=4)
+    if nn_cls in (nn.LSTM, nn.GRU):
+        kwargs.update(num_layers=2, bidirectional=True)
+    if nn_cls is nn.LSTM:
+        kwargs.update(proj_size=2)
+    ref, ours = nn_cls(**kwargs), OURS[nn_cls](**kwargs)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    fresh = nn_cls(**kwargs)
+    fresh.load_state_dict(ours.state_dict())
+    for (name, a), b in zip(ref.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert isinstance(ours, nn.RNNBase if nn_cls in (nn.LSTM, nn.GRU) else nn_cls)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="proj_size has to be smaller than hidden_size"):
+        LSTM(3, 4, proj_size=4)
+    with pytest.raises(ValueError, match="Unknown backend"):
+        LSTM(3, 4, backend="cudnn")
+    with pytest.raises(NotImplementedError, match="persistent.*LSTM"):
+        LSTM(3, 4, backend="persistent")(torch.randn(2, 1, 3))
+    with pytest.raises(NotImplementedError, match="persistent.*GRU"):
+        GRU(3, 4, backend="persistent")(torch.randn(2, 1, 3))
+    lstm_module = LSTM(3, 4)
+    with pytest.raises(ValueError, match="LSTM: Expected input to be 2D or 3D, got 4D"):
+        lstm_module(torch.randn(1, 2, 1, 3))
+    with pytest.raises(RuntimeError, match="Expected hidden\\[1\\] size \\(1, 2, 4\\), got \\[1, 2, 5\\]"):
+        lstm_module(torch.randn(3, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 5)))
+    with pytest.raises(RuntimeError, match="hx and cx should also be 3-D"):
+        lstm_module(torch.randn(3, 2, 3), (torch.zeros(2, 4), torch.zeros(2, 4)))
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size"):
+        GRU(3, 4)(torch.randn(2, 1, 5))
+    with pytest.raises(ValueError, match="LSTMCell: Expected input to be 1D or 2D"):
+        LSTMCell(3, 4)(torch.randn(1, 1, 3))
+    with pytest.raises(RuntimeError, match="input has inconsistent input_size"):
+        GRUCell(3, 4)(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="weight_hh must have shape"):
+        lstm(torch.randn(2, 1, 3), None, torch.randn(16, 3), torch.randn(16, 5))
