@@ -1,4 +1,7 @@
-"""python -m benchmarks: argument parsing, the run, the output files and the exit status."""
+"""python -m benchmarks: argument parsing, the run, the output files and the exit status.
+
+Without a GPU the run is a check, not a measurement: its timings run on one thread and carry no
+speedups or plots, and the Triton kernels are verified in Triton's interpreter instead of timed."""
 import argparse
 import datetime
 import re
@@ -7,15 +10,22 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.measure import environment, machine_figures, make_timer
-from benchmarks.module_rows import module_lines, module_rows, module_shape
-from benchmarks.providers import DTYPES, MODES, PROVIDERS
-from benchmarks.report import (NO_GPU_NOTE, SAME_KERNEL_NOTE, add_derived, evaluate_targets, provider_geomeans,
-                               same_kernel_providers, summary_markdown, targets_not_evaluated, write_csv, write_json,
-                               write_plots)
-from benchmarks.sweep import Config, grid, run_sweep
+from . import interpret_without_gpu
 
-RESULTS = Path(__file__).resolve().parent / "results"
+interpret_without_gpu()  # before the imports below define elman_triton's kernels; nothing changes with a GPU
+
+from .measure import CPU_NOTE, environment, machine_figures, make_timer  # noqa: E402
+from .module_rows import interpreter_module_checks, module_lines, module_rows, module_shape  # noqa: E402
+from .providers import DTYPES, MODES, PROVIDERS  # noqa: E402
+from .report import (NO_GPU_NOTE, SAME_KERNEL_NOTE, add_derived, evaluate_targets, interpreter_summary,  # noqa: E402
+                     provider_geomeans, same_kernel_providers, summary_markdown, targets_not_evaluated, write_csv,
+                     write_json, write_plots)
+from .sweep import Config, grid, interpreter_checks, run_sweep  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+# In a checkout (python -m benchmarks, or an editable install) results go beside the suite; an installed
+# copy writes under the current folder instead of into site-packages.
+RESULTS = HERE / "results" if (HERE.parent / "pyproject.toml").exists() else Path("elman-bench-results")
 
 # quick differs per device: on CPU it is a smoke test that must finish in well under two minutes.
 PRESETS = {
@@ -27,19 +37,21 @@ PRESETS = {
 }
 
 
-def parse_args(argv):
+def parse_args(argv, prog="python -m benchmarks"):
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog=prog,
         description="Benchmark the Elman RNN providers (nn.RNN/cuDNN, eager loop, torch.compile, the Triton "
                     "backends) in forward, backward and fwd+bwd; check each against float64 first. Writes "
-                    "results.json, results.csv, summary.md and PNG plots.",
+                    "results.json, results.csv, summary.md and (on a GPU) PNG plots. Without a GPU it checks the "
+                    "Triton kernels in Triton's interpreter instead of timing them, and times the rest on one "
+                    "thread, as a smoke test (CPU: not a performance result).",
         epilog="Presets: --quick (default; CPU: fp32 T=32 B∈{1,8} H∈{32,64}; GPU: bf16 T=256 B∈{1,16} "
                "H∈{256,1024}), --standard (bf16 T=1024 B∈{1,8,16,64} H∈{256..2048}: the target grid), "
                "--full (all dtypes, B∈{1,8,16,64,256}, H∈{256..2048}, T∈{256,1024,4096}). "
                "Any flag below overrides the preset's value. Exit status 1 if one of this project's "
                "providers fails verification.")
     preset = parser.add_mutually_exclusive_group()
-    for name, text in (("quick", "smoke-test sizes (the default)"), ("standard", "the target grid"),
+    for name, text in (("quick", "smoke-test sizes (the default; about half a minute on a 2-core CPU)"), ("standard", "the target grid"),
                        ("full", "every dtype, batch, hidden size and length")):
         preset.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=text)
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES))
@@ -50,7 +62,8 @@ def parse_args(argv):
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     parser.add_argument("--nonlinearity", choices=["tanh", "relu"], default="tanh")
-    parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<date>-<device>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<date>-<device> in a "
+                                                 "checkout, else elman-bench-results/<date>-<device>)")
     parser.add_argument("--check-seq", type=int, default=1024, metavar="T",
                         help="longest T of the float64 check; longer shapes are checked at this T (default 1024)")
     parser.add_argument("--rep-ms", type=float, default=100.0,
@@ -80,10 +93,23 @@ def default_out(metadata):
     return RESULTS / f"{datetime.date.today().isoformat()}-{slug}"
 
 
-def main(argv=None):
+def main(argv=None, prog="python -m benchmarks"):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        # Several threads on small CPU shapes mostly wait for each other (and for other jobs): 3-4× slower
+        # on 2 shared cores, with times that say nothing. One thread; restored at the end for a caller.
+        torch.set_num_threads(1)
+    try:
+        return _run(args, argv, prog, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, argv, prog, device):
+    gpu = device.type == "cuda"
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -93,68 +119,88 @@ def main(argv=None):
                     check_seq=args.check_seq, rep_ms=args.rep_ms, verify_only=args.verify_only,
                     nonlinearity=args.nonlinearity, seed=args.seed)
     metadata = environment(device)
-    metadata["command"] = " ".join(["python -m benchmarks", *argv])
+    metadata["command"] = " ".join([prog, *argv])
     metadata["preset"] = args.preset
     out = args.out or default_out(metadata)
     out.mkdir(parents=True, exist_ok=True)
 
     print(f"{metadata['device']} | torch {metadata['torch']} | triton {metadata['triton']} | "
           f"CUDA {metadata['cuda']} | commit {metadata['git_commit'][:12]}")
-    if device.type != "cuda":
+    if not gpu:
         print(NO_GPU_NOTE)
-    print(f"{len(shapes)} shapes × {len(providers)} providers × {len(config.modes)} modes ({args.preset} preset)")
+    print(f"{len(shapes)} shapes × {len(providers)} providers × {len(config.modes)} modes ({args.preset} preset)"
+          + ("" if gpu else "; CPU timings on one thread (torch.set_num_threads(1))"))
 
+    interpreted = []
+    if not gpu:
+        interpreted = (interpreter_checks(providers, args.nonlinearity, args.seed)
+                       + interpreter_module_checks(providers, args.seed))
     dtypes = {name: DTYPES[name] for name in sorted({s.dtype for s in shapes})}
     machine = machine_figures(device, dtypes, make_timer(device, args.rep_ms))
 
     def save(rows, targets=(), modules=()):
-        add_derived(rows, machine)
-        write_json(out / "results.json", metadata, machine, list(targets), rows, modules)
+        add_derived(rows, machine, speedups=gpu)
+        write_json(out / "results.json", metadata, machine, list(targets), rows, modules, interpreted)
         write_csv(out / "results.csv", rows)
 
     metadata["complete"] = False  # until the last shape is done: a run cut short says so
     rows = run_sweep(config, metadata, checkpoint=save)
-    add_derived(rows, machine)
-    targets = (evaluate_targets(rows) if device.type == "cuda"
-               else targets_not_evaluated("needs a GPU: this run is CPU-only"))
+    add_derived(rows, machine, speedups=gpu)
+    targets = evaluate_targets(rows) if gpu else targets_not_evaluated("needs a GPU: this run is CPU-only")
     save(rows, targets)
     modules = []
     if args.module_rows:
         modules = module_rows(module_shape(shapes), device, make_timer(device, args.rep_ms), seed=args.seed)
     metadata["complete"] = True
     save(rows, targets, modules)
-    (out / "summary.md").write_text(summary_markdown(metadata, machine, targets, rows, modules) + "\n")
-    plots = write_plots(out, rows)
-    return report_to_stdout(rows, targets, providers, out, plots, device, modules)
+    (out / "summary.md").write_text(summary_markdown(metadata, machine, targets, rows, modules, interpreted) + "\n")
+    # CPU times are no performance result: no plots of them, which would read as one
+    plots = write_plots(out, rows) if gpu else []
+    return report_to_stdout(rows, targets, providers, out, plots, device, modules, interpreted)
 
 
-def report_to_stdout(rows, targets, providers, out, plots, device, modules=()):
+def report_to_stdout(rows, targets, providers, out, plots, device, modules=(), interpreted=()):
     """Print the headline figures and the verification outcome; return the exit status."""
+    gpu = device.type == "cuda"
     for mode, by_provider in provider_geomeans(rows).items():
         figures = ", ".join(f"{p} {v:.3g}×" for p, v in sorted(by_provider.items()))
         print(f"speedup over nn.RNN, geomean, {mode}: {figures}")
     for name in same_kernel_providers(rows):
         print(f"{name}: {SAME_KERNEL_NOTE}")
-    if device.type == "cuda":
+    if gpu:
         for t in targets:
             print(f"[{t['result']}] {t['target']}: {t['measured']} (target {t['threshold']}) {t['detail']}")
     else:
-        print(NO_GPU_NOTE)
+        print(f"no speedups, targets or plots: {CPU_NOTE} (one thread; the times in summary.md only show the "
+              "suite runs)")
     ours = {p.name for p in providers if p.ours}
     failed = [r for r in rows if r["status"] == "failed"]
     for r in failed + [r for r in rows if r["status"] == "error"]:
         print(f"{r['status'].upper()}: {r['provider']} {r['mode']} {r['dtype']} T={r['T']} B={r['B']} "
               f"H={r['H']} D={r['D']}: {r['reason']}")
     checked = sum(r["status"] in ("ok", "verified", "failed", "error") for r in rows)
-    print(f"verification: {checked - len(failed)}/{checked} rows passed")
+    ran = ", ".join(dict.fromkeys(r["provider"] for r in rows if r["status"] in ("ok", "verified", "failed", "error")))
+    print(f"verification: {checked - len(failed)}/{checked} rows passed" + (f" ({ran})" if ran and not gpu else ""))
+    failed_interpreted = [r for r in interpreted if r["status"] == "failed"]
+    if interpreted:
+        summary = interpreter_summary(interpreted)
+        print("verification of the Triton kernels in Triton's interpreter (correctness, not timed): "
+              + (summary or "none ran"))
+    for r in interpreted:
+        if r["status"] not in ("passed", "needs_gpu"):
+            print(f"{r['status'].upper()}: interpreter {r['check']} {r['provider']} ({r['kernel']}) {r['mode']} "
+                  f"{r['dtype']} T={r['T']} B={r['B']} H={r['H']} D={r['D']}: {r['reason']}")
     failed_modules = [r for r in modules if r["status"] == "failed"]
-    for line in module_lines(modules, device.type == "cuda"):
+    for line in module_lines(modules, gpu):
         print(line)
     for r in failed_modules + [r for r in modules if r["status"] == "error"]:
         print(f"{r['status'].upper()}: module {r['case']} {r['provider']} {r['mode']}: {r['reason']}")
-    print(f"wrote {out}/results.json, results.csv, summary.md, "
-          + (", ".join(p.name for p in plots) if plots is not None else "no plots (matplotlib is not installed)"))
-    gating = [r for r in failed + failed_modules if r["provider"] in ours]
+    if plots is None:
+        drawn = "no plots (matplotlib is not installed)"
+    else:
+        drawn = ", ".join(p.name for p in plots) if plots else f"no plots ({CPU_NOTE})"
+    print(f"wrote {out}/results.json, results.csv, summary.md, {drawn}")
+    gating = [r for r in failed + failed_modules + failed_interpreted if r["provider"] in ours]
     if gating:
         print(f"FAILED: {len(gating)} rows of this project's providers failed verification", file=sys.stderr)
         return 1

@@ -9,16 +9,21 @@ Every provider is first checked against nn.RNN in float64 (same weights, same in
 then timed forward (no_grad) and fwd+bwd. Each row carries its speedup over nn.RNN on the same case
 and, for packed and bidirectional, its time over the same provider's one_direction time (packed ÷
 padded; both directions ÷ one). Goals on a GPU (issue 10): ours packed ≤ 1.1× padded (cuDNN: 5–114×),
-bidirectional ≤ 1.2× one direction.
+bidirectional ≤ 1.2× one direction. On CPU the rows are timed on one thread, carry no speedups or
+ratios (CPU: not a performance result), and the Triton backends are checked instead in Triton's
+interpreter by interpreter_module_checks: 2 layers, bidirectional, packed, at a tiny shape.
 """
-from dataclasses import dataclass
+import copy
+from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from benchmarks.providers import DTYPES, one_line
-from benchmarks.sweep import TOLERANCE, rel_err
 from elman_triton import ElmanRNN
+
+from .measure import CPU_NOTE
+from .providers import DTYPES, Shape, one_line
+from .sweep import TOLERANCE, _interpreter_blocked, interpreter_kernel, rel_err
 
 MODULE_MODES = ("forward", "fwd_bwd")
 MODULE_FIELDS = ("case", "provider", "mode", "dtype", "T", "B", "H", "D", "status", "reason", "err_y", "err_h_n",
@@ -95,7 +100,7 @@ def module_rows(shape, device, timer, seed=0):
                 # auto on CPU runs nn.RNN's own kernel per layer: a speedup would be noise
                 row["same_kernel_as_baseline"] = name == "auto" and device.type != "cuda"
                 rows.append(row)
-    _add_ratios(rows)
+    _add_ratios(rows, gpu=device.type == "cuda")
     return rows
 
 
@@ -144,10 +149,11 @@ def _provider_rows(base, name, module, inp, want, timer, tol):
     return rows
 
 
-def _add_ratios(rows):
+def _add_ratios(rows, gpu):
+    """Speedups over nn.RNN and time ratios to one direction: GPU figures only (None on CPU)."""
     ok = {(r["case"], r["provider"], r["mode"]): r["median_ms"] for r in rows if r["status"] == "ok"}
     for r in rows:
-        if r["status"] != "ok":
+        if r["status"] != "ok" or not gpu:
             continue
         baseline = ok.get((r["case"], "torch_rnn", r["mode"]))
         same = r.get("same_kernel_as_baseline")
@@ -164,8 +170,9 @@ def module_markdown(rows, gpu):
     out = [f"## Module rows: ElmanRNN against nn.RNN ({r0['dtype']}, T={r0['T']}, B={r0['B']}, H=D={r0['H']})", "",
            "packed: lengths uniform in [T/8, T]; ÷ one direction is the same provider's time over its one_direction "
            "time (packed ÷ padded, both directions ÷ one)." + ("" if gpu else
-                                                                " CPU run: these rows show the module paths "
-                                                                "run; their times are not GPU figures."), "",
+                                                                f" **{CPU_NOTE}**: these rows show the module "
+                                                                "paths run (one thread); no speedups or ratios."),
+           "",
            "| case | provider | mode | status | ms | × nn.RNN | ÷ one direction | reason |", "|---" * 8 + "|"]
     for r in rows:
         out.append(f"| {r['case']} | {r['provider']} | {r['mode']} | {r['status']} | {_fmt(r.get('median_ms'))} "
@@ -184,9 +191,8 @@ def module_lines(rows, gpu):
         return []
     r0 = rows[0]
     lines = [f"module rows ({r0['dtype']}, T={r0['T']}, B={r0['B']}, H=D={r0['H']}), ms"
-             " (× nn.RNN where it is not the same kernel)" + (":" if gpu else
-                                                              "; CPU run: they show the module paths run, "
-                                                              "their times are not GPU figures:")]
+             + (" (× nn.RNN where it is not the same kernel):" if gpu else
+                f" on one thread; {CPU_NOTE} (they show the module paths run; no speedups or ratios):")]
     for case in dict.fromkeys(r["case"] for r in rows):
         for mode in MODULE_MODES:
             cells = [f"{r['provider']} " + (f"{r['median_ms']:.3g}" + (f" ({r['speedup_vs_torch_rnn']:.3g}×)"
@@ -201,3 +207,72 @@ def module_lines(rows, gpu):
             if ratios:
                 lines.append(f"  {text}, {mode}: " + ", ".join(ratios))
     return lines
+
+
+# ---- the Triton backends on CPU -----------------------------------------------------------------
+
+INTERPRETER_CASE = Case("2 layers, bidirectional, packed", 2, True, False, True)
+INTERPRETER_SHAPE = Shape("fp32", 6, 3, 17, 11)
+
+
+def interpreter_module_checks(providers, seed=0):
+    """ElmanRNN on each Triton backend among `providers`, through Triton's interpreter on CPU, against
+    nn.RNN with the same weights in float64 at INTERPRETER_SHAPE: 2 layers, bidirectional, a packed
+    input of unsorted mixed lengths (the kernels' length masking and reverse direction). inference:
+    y and h_n; training: also the gradients of the input and of every weight. Correctness only:
+    nothing is timed. Rows as sweep.interpreter_checks'."""
+    shape, case, device = INTERPRETER_SHAPE, INTERPRETER_CASE, torch.device("cpu")
+    checked = [p for p in providers if p.triton]
+    if not checked:
+        return []
+    generator = torch.Generator().manual_seed(seed)
+    reference = torch.nn.RNN(shape.D, shape.H, case.layers, bidirectional=case.bidirectional)
+    with torch.no_grad():
+        for weight in reference.parameters():
+            weight.copy_((torch.rand(weight.shape, generator=generator) * 2 - 1) * shape.H ** -0.5)
+    inp, _ = make_input(case, shape.T, shape.B, shape.D, device, torch.float32, generator)
+    want = _outputs_and_grads(copy.deepcopy(reference).double(), _detached(inp, torch.float64), generator)
+    rows = []
+    for p in checked:
+        base = {"check": f"module: {case.name}", "provider": p.name, "kernel": interpreter_kernel(p, shape),
+                **asdict(shape), "tolerance": TOLERANCE[shape.dtype]}
+        blocked = _interpreter_blocked(p, shape, device)
+        try:
+            got = None if blocked else _outputs_and_grads(_elman_like(reference, p.name), _detached(inp), None,
+                                                          weights=want["weights"])
+        except Exception as e:
+            blocked = "failed", f"raised {one_line(e)}"
+        for mode in ("inference", "training"):
+            row = {**base, "mode": mode}
+            if blocked:
+                row["status"], row["reason"] = blocked
+            else:
+                row.update(_compare(got, want, training=mode == "training", tol=row["tolerance"]))
+            rows.append(row)
+    return rows
+
+
+def _outputs_and_grads(module, inp, generator, weights=None):
+    """y (packed data), h_n, and the gradients of L = Σ y·w_y + Σ h_n·w_h (fixed random float64 weights,
+    drawn from generator on the first call) with respect to the input data and every parameter."""
+    data = inp.data.detach().requires_grad_(True)
+    y, h_n = run_module(module, inp._replace(data=data))
+    if weights is None:
+        weights = [torch.randn(y.shape, generator=generator, dtype=torch.float64),
+                   torch.randn(h_n.shape, generator=generator, dtype=torch.float64)]
+    loss = (y.double() * weights[0]).sum() + (h_n.double() * weights[1]).sum()
+    names = ["input", *(name for name, _ in module.named_parameters())]
+    grads = torch.autograd.grad(loss, [data, *module.parameters()])
+    return {"y": y.detach(), "h_n": h_n.detach(), "grads": dict(zip(names, grads)), "weights": weights}
+
+
+def _compare(got, want, training, tol):
+    errors = {"err_y": rel_err(got["y"], want["y"]), "err_h_n": rel_err(got["h_n"], want["h_n"])}
+    worst = ""
+    if training:
+        per_tensor = {name: rel_err(got["grads"][name], g) for name, g in want["grads"].items()}
+        worst = max(per_tensor, key=per_tensor.get)
+        errors["err_grad"] = per_tensor[worst]
+    too_big = [f"{k}={v:.2e}" + (f" ({worst})" if k == "err_grad" else "") for k, v in errors.items() if not v <= tol]
+    return {**errors, "status": "failed" if too_big else "passed",
+            "reason": f"error above tolerance {tol:g}: {', '.join(too_big)}" if too_big else None}

@@ -87,12 +87,14 @@ class Provider:
     check_support: Callable[[Shape, torch.device], None] | None = None  # raises if the shape is not held
     per_shape_setup: Callable[[], None] | None = None  # called once per shape, before any build
     runs_baseline_on_cpu: bool = False  # on CPU it runs nn.RNN's own kernel: a speedup would be noise
+    no_interpreter: str | None = None  # why the CPU run cannot check it in Triton's interpreter, if it cannot
     note: str = ""
 
     def availability(self, shape, device, mode):
         """(status, reason) when this provider does not run for (shape, mode) here, else None."""
         if self.triton and device.type != "cuda":
-            return "needs_gpu", "Triton kernels need a CUDA GPU (the benchmark does not run the interpreter)"
+            return "needs_gpu", ("timing Triton kernels needs a CUDA GPU; on CPU their correctness is checked in "
+                                 "Triton's interpreter (the interpreter rows)")
         if mode != "forward" and self.forward_only:
             return "skipped", self.forward_only
         if self.check_support is not None:
@@ -220,7 +222,9 @@ PROVIDERS = {p.name: p for p in (
              ours=True, triton=True),
     Provider("stepwise_graph", _stepwise_graph, _fixed("elman_rnn stepwise, CUDA-graph replay"),
              ours=True, triton=True,
-             forward_only="CUDA-graph capture covers the forward only; backward modes not captured"),
+             forward_only="CUDA-graph capture covers the forward only; backward modes not captured",
+             no_interpreter="CUDA-graph capture needs a GPU; it replays the stepwise kernels, checked in the "
+                            "stepwise rows"),
     Provider("persistent", _op("persistent"), _fixed("elman_rnn persistent, one launch per sequence"),
              ours=True, triton=True, check_support=_check_persistent),
     Provider("auto", _op("auto"), _describe_auto, ours=True, runs_baseline_on_cpu=True),

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Callable
 
-from benchmarks.measure import ROW_METADATA
-from benchmarks.module_rows import MODULE_FIELDS, module_markdown
-from benchmarks.providers import DTYPES, MODES
+from .measure import CPU_NOTE, ROW_METADATA
+from .module_rows import MODULE_FIELDS, module_markdown
+from .providers import DTYPES, MODES
 
 BASELINE, EAGER, OURS = "torch_rnn", "eager", "auto"
 MODE_FLOP_FACTOR = {"forward": 1, "backward": 2, "fwd_bwd": 3}  # backward ≈ 2× forward
@@ -17,9 +17,10 @@ ELEMENT_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 
 SAME_KERNEL_NOTE = ("runs the same native kernel as nn.RNN on this device: its time differs from nn.RNN's "
                     "only by noise, so no speedup is computed")
-NO_GPU_NOTE = ("CPU-only run: GPU figures need a GPU. The Triton providers are reported as 'needs_gpu'; "
-               "cuDNN, peak training memory and the targets are GPU measurements, and the CPU numbers only "
-               "show the suite works.")
+NO_GPU_NOTE = ("CPU-only run: GPU figures need a GPU. The Triton kernels are checked for correctness in "
+               "Triton's interpreter, not timed (their sweep rows read 'needs_gpu'); cuDNN, peak training "
+               "memory, speedups and the targets are GPU measurements. CPU times are taken on one thread "
+               f"(torch.set_num_threads(1)) only to show the suite works: {CPU_NOTE}.")
 
 ROW_FIELDS = (
     "provider", "mode", "dtype", "T", "B", "H", "D", "status", "reason", "backend", "note", "same_kernel_as_baseline",
@@ -29,6 +30,8 @@ ROW_FIELDS = (
     "floor_compute_us", "floor_memory_us", "floor_barrier_us", "floor_us",
     *ROW_METADATA,
 )
+INTERPRETER_FIELDS = ("check", "provider", "kernel", "mode", "dtype", "T", "B", "H", "D", "status", "reason",
+                      "tolerance", "err_y", "err_h_n", "err_grad")
 SHAPE_KEYS = ("dtype", "T", "B", "H", "D")
 
 
@@ -68,9 +71,10 @@ def shape_of(row):
     return tuple(row[k] for k in SHAPE_KEYS)
 
 
-def add_derived(rows, machine):
+def add_derived(rows, machine, speedups=True):
     """Per-step latency, TFLOP/s, speedups over nn.RNN and the eager loop (same shape and mode in
-    this run), and the floor, written into each row."""
+    this run), and the floor, written into each row. speedups=False (a CPU run, where they would be
+    no performance result) leaves the speedups None."""
     ok = {(r["provider"], r["mode"], shape_of(r)): r for r in rows if r.get("status") == "ok"}
     for row in rows:
         dims = shape_of(row)
@@ -82,7 +86,7 @@ def add_derived(rows, machine):
         row["tflops"] = mode_flops(row["mode"], *dims[1:]) / seconds / 1e12
         for name, field in ((BASELINE, "speedup_vs_torch_rnn"), (EAGER, "speedup_vs_eager")):
             other = ok.get((name, row["mode"], dims))
-            row[field] = other["median_ms"] / row["median_ms"] if other else None
+            row[field] = other["median_ms"] / row["median_ms"] if other and speedups else None
         if row.get("same_kernel_as_baseline"):
             row["speedup_vs_torch_rnn"] = None
 
@@ -233,10 +237,11 @@ def _finite(value):
     return value
 
 
-def write_json(path, metadata, machine, targets, rows, module_rows=()):
+def write_json(path, metadata, machine, targets, rows, module_rows=(), interpreter_rows=()):
     doc = {"metadata": metadata, "machine": machine, "targets": targets,
            "rows": [{k: _finite(row.get(k)) for k in ROW_FIELDS} for row in rows],
-           "module_rows": [{k: _finite(row.get(k)) for k in MODULE_FIELDS} for row in module_rows]}
+           "module_rows": [{k: _finite(row.get(k)) for k in MODULE_FIELDS} for row in module_rows],
+           "interpreter_rows": [{k: _finite(row.get(k)) for k in INTERPRETER_FIELDS} for row in interpreter_rows]}
     path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
@@ -269,7 +274,32 @@ def same_kernel_providers(rows):
     return list(dict.fromkeys(r["provider"] for r in rows if r.get("same_kernel_as_baseline")))
 
 
-def summary_markdown(metadata, machine, targets, rows, module_rows=()):
+def interpreter_summary(interpreter_rows):
+    """'k/n passed (providers)' over the interpreter rows that ran, or None when none did."""
+    ran = [r for r in interpreter_rows if r["status"] in ("passed", "failed")]
+    if not ran:
+        return None
+    passed = sum(r["status"] == "passed" for r in ran)
+    kernels = ", ".join(dict.fromkeys(f"{r['provider']} ({r['kernel']})" for r in ran))
+    return f"{passed}/{len(ran)} checks passed: {kernels}"
+
+
+def interpreter_markdown(interpreter_rows):
+    if not interpreter_rows:
+        return []
+    out = ["## Triton kernels in Triton's interpreter (CPU)", "",
+           "Without a GPU the Triton kernels are not timed; each is run through the interpreter at tiny shapes "
+           "and checked against float64 (y, h_n and, in training, every gradient). Correctness only.", "",
+           (interpreter_summary(interpreter_rows) or "No check ran.") + "", "",
+           "| check | provider | kernel | mode | dtype | T | B | H | D | status | err y | err h_n | err grad | reason |",
+           "|---" * 14 + "|"]
+    out += [f"| {r['check']} | {r['provider']} | {r['kernel']} | {r['mode']} | {r['dtype']} | {r['T']} | {r['B']} "
+            f"| {r['H']} | {r['D']} | {r['status']} | {_fmt(r.get('err_y'))} | {_fmt(r.get('err_h_n'))} "
+            f"| {_fmt(r.get('err_grad'))} | {r.get('reason') or ''} |" for r in interpreter_rows]
+    return out + [""]
+
+
+def summary_markdown(metadata, machine, targets, rows, module_rows=(), interpreter_rows=()):
     gpu = metadata["gpu"]
     out = [f"# Elman RNN benchmarks: {metadata['device']}, {metadata['date']}", ""]
     dirty = " (uncommitted changes)" if metadata["git_dirty"] else ""
@@ -293,8 +323,9 @@ def summary_markdown(metadata, machine, targets, rows, module_rows=()):
             f"{len(checked) - sum(r['status'] == 'failed' for r in rows)} of {len(checked)} checked rows passed "
             "(relative norm error of y, h_n and, for backward modes, every gradient, against float64)."]
     out += [f"- **{r['status']}**: {r['provider']} {r['mode']} {_shape_text(r)}: {r['reason']}" for r in bad]
+    out += [""] + interpreter_markdown(list(interpreter_rows))
 
-    out += ["", "## Machine figures (the floor)", "",
+    out += ["## Machine figures (the floor)" + ("" if gpu else f" ({CPU_NOTE})"), "",
             "| figure | value |", "|---|---|"]
     out += [f"| dense matmul {n}×{n}×{n}, {d} | {v:.3g} TFLOP/s |"
             for d, v in machine["matmul_tflops"].items() for n in [machine["matmul_size"]]]
@@ -316,7 +347,8 @@ def summary_markdown(metadata, machine, targets, rows, module_rows=()):
     out += module_markdown(list(module_rows), gpu)
 
     out += ["## Results", "", "Times are medians; per step = median / T; × columns are speedups "
-            "(same shape and mode); floor = max(FLOPs / matmul peak, bytes / copy bandwidth, barrier × T).", ""]
+            "(same shape and mode); floor = max(FLOPs / matmul peak, bytes / copy bandwidth, barrier × T)."
+            + ("" if gpu else f" **{CPU_NOTE}**: one thread, no speedups; the times show the suite runs."), ""]
     for mode in MODES:
         mode_rows = [r for r in rows if r["mode"] == mode]
         if not mode_rows:

@@ -1,13 +1,18 @@
 """The sweep: for each shape, check every provider against the float64 reference, then time the
-providers that passed, in each mode. One row per provider × shape × mode, whatever happened."""
+providers that passed, in each mode. One row per provider × shape × mode, whatever happened.
+
+Without a GPU the Triton providers are not timed; interpreter_checks runs their kernels through
+Triton's interpreter at a few tiny shapes instead, for correctness only."""
 import itertools
 from dataclasses import asdict, dataclass
 
 import torch
 
-from benchmarks.measure import ROW_METADATA, cache_and_budget, make_timer, peak_training_memory, rotation_count
-from benchmarks.providers import Shape, make_problem, one_line
-from elman_triton import elman_rnn_reference
+from elman_triton import elman_rnn_reference, persistent
+from elman_triton.config import INTERPRETED
+
+from .measure import ROW_METADATA, cache_and_budget, make_timer, peak_training_memory, rotation_count
+from .providers import Shape, make_problem, one_line
 
 # ‖a − b‖ / ‖b‖ against the float64 reference.
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
@@ -231,3 +236,62 @@ def run_sweep(config, metadata, checkpoint=None):
         if checkpoint:
             checkpoint(rows)
     return rows
+
+
+# ---- the Triton kernels on CPU ----------------------------------------------------------------
+
+# Tiny odd shapes (T, B, H, D not powers of 2) that reach every kernel: fp32 H = 17 takes persistent's
+# small-H kernel and H = 72 (above SMALL_H_MAX[fp32] = 64) its large-H one, split over column programs;
+# bf16 takes the half-precision path (bf16 storage, fp32 state).
+INTERPRETER_SHAPES = (Shape("fp32", 5, 3, 17, 11), Shape("fp32", 4, 2, 72, 9), Shape("bf16", 5, 3, 17, 11))
+INTERPRETER_MODES = {"inference": False, "training": True}  # mode name -> with gradients
+
+
+def interpreter_kernel(provider, shape):
+    """Which kernel a Triton provider runs at shape under the interpreter (where on-chip memory is
+    unbounded, so H ≤ SMALL_H_MAX alone picks persistent's small-H kernel)."""
+    if provider.name != "persistent":
+        return "one launch per step"
+    small = shape.H <= persistent.SMALL_H_MAX.get(shape.torch_dtype, 0)
+    return "small-H kernel" if small else "large-H kernel"
+
+
+def interpreter_checks(providers, nonlinearity="tanh", seed=0):
+    """The Triton providers among `providers`, run through Triton's interpreter on CPU at each of
+    INTERPRETER_SHAPES and checked against the float64 reference: inference (y, h_n) and training
+    (also the gradient of every input and weight). Correctness only: nothing is timed. One row per
+    provider × shape × mode; status passed, failed, unsupported, needs_gpu (the provider cannot run
+    in the interpreter) or not_run (this process imported the kernels without TRITON_INTERPRET=1)."""
+    triton_providers = [p for p in providers if p.triton]
+    device = torch.device("cpu")
+    rows = []
+    for shape in INTERPRETER_SHAPES if triton_providers else ():
+        problem = make_problem(shape, shape.T, device, torch.Generator().manual_seed(seed), nonlinearity, True)
+        reference = float64_reference(problem, with_grad=True)
+        for p, (mode, training) in itertools.product(triton_providers, INTERPRETER_MODES.items()):
+            row = {"check": "layer", "provider": p.name, "kernel": interpreter_kernel(p, shape), "mode": mode,
+                   **asdict(shape), "tolerance": TOLERANCE[shape.dtype]}
+            blocked = _interpreter_blocked(p, shape, device)
+            if blocked:
+                row["status"], row["reason"] = blocked
+            else:
+                verdict = verify(p, problem, reference, training, TOLERANCE[shape.dtype])
+                passed = verdict.pop("passed")
+                row.update(verdict, status="passed" if passed else "failed")
+            rows.append(row)
+    return rows
+
+
+def _interpreter_blocked(provider, shape, device):
+    """(status, reason) when provider is not checked in the interpreter at shape, else None."""
+    if provider.no_interpreter:
+        return "needs_gpu", provider.no_interpreter
+    if not INTERPRETED:
+        return "not_run", ("this process imported elman_triton without TRITON_INTERPRET=1, so its Triton kernels "
+                           "cannot run on CPU; python -m benchmarks sets it when there is no GPU")
+    if provider.check_support is not None:
+        try:
+            provider.check_support(shape, device)
+        except (NotImplementedError, ValueError, TypeError) as e:
+            return "unsupported", one_line(e)
+    return None

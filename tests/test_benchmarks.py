@@ -5,6 +5,7 @@ run the Triton providers.
 """
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -22,6 +23,7 @@ pytest.importorskip("matplotlib")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not an installed package
 
+import benchmarks  # noqa: E402
 from benchmarks import cli, module_rows, report, sweep  # noqa: E402
 from benchmarks.measure import ROW_METADATA, make_timer, rotation_count  # noqa: E402
 from benchmarks.providers import PROVIDERS, Provider, Shape  # noqa: E402
@@ -33,12 +35,16 @@ OUTPUTS = ("results.json", "results.csv", "summary.md", "speedup_by_hidden.png",
 
 
 def test_cli_run_writes_every_output_with_metadata(tmp_path):
+    """python -m benchmarks as a user runs it (no TRITON_INTERPRET set). Without a GPU: timings on one
+    thread, no speedups or plots (CPU: not a performance result), and every Triton backend, both of
+    persistent's kernels included, verified in the interpreter that the CLI turns on itself."""
     out = tmp_path / "bench"
-    providers = ["torch_rnn", "eager", "stepwise", "persistent", "auto"]
+    providers = ["torch_rnn", "eager", "stepwise", "stepwise_graph", "persistent", "auto"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), *TINY,
-                           "--providers", *providers], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--providers", *providers], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for name in OUTPUTS:
+    for name in OUTPUTS[:3] + (OUTPUTS[3:] if CUDA else ()):
         assert (out / name).stat().st_size > 0, name
 
     doc = json.loads((out / "results.json").read_text())
@@ -61,12 +67,11 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert 0 < row["q20_ms"] <= row["median_ms"] <= row["q80_ms"]
         assert row["per_step_us"] == pytest.approx(row["median_ms"] * 1e3 / row["T"])
         assert row["tflops"] > 0
-        if CUDA or provider != "auto":
+        if CUDA:
             assert row["speedup_vs_torch_rnn"] > 0
         assert row["err_y"] <= row["tolerance"] and row["err_h_n"] <= row["tolerance"]
         if mode != "forward":
             assert row["err_grad"] <= row["tolerance"]
-    assert by["torch_rnn", "forward"]["speedup_vs_torch_rnn"] == 1.0
     assert by["persistent", "forward"]["status"] in (("ok", "unsupported") if CUDA else ("needs_gpu",))
 
     summary = (out / "summary.md").read_text()
@@ -75,19 +80,45 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert all(by["stepwise", m]["status"] == "needs_gpu" for m in ("forward", "backward", "fwd_bwd"))
         assert by["auto", "fwd_bwd"]["peak_train_mem_mib"] is None and by["auto", "fwd_bwd"]["peak_mem_note"]
         assert "GPU figures need a GPU" in summary and "GPU figures need a GPU" in proc.stdout
-        # auto on CPU is nn.RNN's own kernel: its ratio to nn.RNN is noise, reported as such, not as a speedup
-        assert by["auto", "forward"]["same_kernel_as_baseline"] is True
-        assert all(by["auto", m]["speedup_vs_torch_rnn"] is None for m in ("forward", "backward", "fwd_bwd"))
+        assert doc["metadata"]["cpu_threads"] == 1 and "one thread (torch.set_num_threads(1))" in proc.stdout
+        # no speedup anywhere (auto on CPU is nn.RNN's own kernel; the rest is one CPU thread), no plots
+        assert all(r["speedup_vs_torch_rnn"] is None and r["speedup_vs_eager"] is None for r in rows)
+        assert not any(line.startswith("speedup") for line in proc.stdout.splitlines())
+        assert "×)" not in proc.stdout and "÷" not in proc.stdout  # module speedups, packed ÷ padded
+        assert "## Speedup" not in summary and not list(out.glob("*.png"))
+        assert f"no plots ({report.CPU_NOTE})" in proc.stdout and report.CPU_NOTE in summary
         assert f"auto: {report.SAME_KERNEL_NOTE}" in proc.stdout and f"auto {report.SAME_KERNEL_NOTE}" in summary
-        assert not any(line.startswith("speedup") and "auto" in line for line in proc.stdout.splitlines())
         assert {t["result"] for t in doc["targets"]} == {"NOT MEASURED"}
+        check_interpreter_rows(doc["interpreter_rows"], summary, proc.stdout)
     else:
         assert by["auto", "fwd_bwd"]["peak_train_mem_mib"] > 0
+        assert doc["interpreter_rows"] == []
+
+
+def check_interpreter_rows(rows, summary, stdout):
+    """Every Triton backend was checked in the interpreter (stepwise_graph, a CUDA-graph replay, says
+    why not): persistent's small- and large-H kernels, the layer in inference and training, and the
+    module (2 layers, bidirectional, packed); all passed, within the float64 tolerance."""
+    ran = [r for r in rows if r["status"] != "needs_gpu"]
+    assert {r["provider"] for r in rows if r["status"] == "needs_gpu"} == {"stepwise_graph"}
+    assert all(r["status"] == "passed" for r in ran), [r for r in ran if r["status"] != "passed"]
+    assert all(r["err_y"] <= r["tolerance"] and r["err_h_n"] <= r["tolerance"] for r in ran)
+    assert all(r["err_grad"] <= r["tolerance"] for r in ran if r["mode"] == "training")
+    checked = {(r["provider"], r["kernel"], r["check"].split(":")[0], r["mode"]) for r in ran}
+    for provider, kernel in (("stepwise", "one launch per step"), ("persistent", "small-H kernel"),
+                             ("persistent", "large-H kernel")):
+        assert {(provider, kernel, "layer", m) for m in ("inference", "training")} <= checked
+    for provider in ("stepwise", "persistent"):
+        assert any(c[0] == provider and c[2] == "module" and c[3] == "training" for c in checked)
+    assert {r["dtype"] for r in ran} == {"fp32", "bf16"}
+    assert f"Triton's interpreter (correctness, not timed): {len(ran)}/{len(ran)} checks passed" in stdout
+    assert "## Triton kernels in Triton's interpreter" in summary
 
 
 def check_module_rows(rows, summary, stdout):
     """Every case × provider × mode has a row; the providers that run here are within tolerance of
-    nn.RNN in float64 and timed; packed and bidirectional carry their ratio to one direction."""
+    nn.RNN in float64 and timed; on a GPU packed and bidirectional carry their ratio to one direction
+    (on CPU no ratio or speedup: they would be no performance result)."""
     assert len(rows) == len(module_rows.CASES) * len(module_rows.MODULE_PROVIDERS) * 2
     runs_here = {"torch_rnn", "auto"} | ({"stepwise", "persistent"} if CUDA else set())
     for r in rows:
@@ -98,12 +129,13 @@ def check_module_rows(rows, summary, stdout):
             continue
         assert r["status"] == "ok", r
         assert r["err_y"] <= 1e-4 and r["err_h_n"] <= 1e-4 and r["median_ms"] > 0
+        if not CUDA:
+            assert r["speedup_vs_torch_rnn"] is None and r["over_one_direction"] is None
+            continue
         assert (r["over_one_direction"] is not None) == (r["case"] in ("packed", "bidirectional"))
-        if r["provider"] == "auto" and not CUDA:
-            assert r["speedup_vs_torch_rnn"] is None and r["same_kernel_as_baseline"]
-        else:
-            assert r["speedup_vs_torch_rnn"] > 0
-    assert "## Module rows" in summary and "packed ÷ padded, fwd_bwd: torch_rnn" in stdout
+        assert r["speedup_vs_torch_rnn"] > 0
+    assert "## Module rows" in summary
+    assert ("packed ÷ padded, fwd_bwd: torch_rnn" in stdout) == CUDA
 
 
 def test_packed_module_input_has_mixed_lengths():
@@ -334,7 +366,40 @@ def test_runs_without_the_bench_extras(monkeypatch, tmp_path, capsys):
     assert list(sweep.progress(shapes, lambda s: f"H={s.H}")) == shapes
     assert "sweep 2/2: H=32" in capsys.readouterr().out
     assert report.write_plots(tmp_path, []) is None
+    threads = torch.get_num_threads()
     status = cli.main(["--out", str(tmp_path), *TINY, "--providers", "eager", "--modes", "forward",
                        "--no-module-rows"])
     assert status == 0 and (tmp_path / "summary.md").exists() and not list(tmp_path.glob("*.png"))
-    assert "no plots (matplotlib is not installed)" in capsys.readouterr().out
+    # a GPU run has nothing to plot with; a CPU run plots nothing anyway
+    assert ("no plots (matplotlib is not installed)" if CUDA else f"no plots ({report.CPU_NOTE})") in capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # the CPU run's one thread does not outlive it
+
+
+def test_interpreter_is_turned_on_only_without_a_gpu(monkeypatch):
+    """The CLI makes a CPU process run the Triton kernels in the interpreter, so it can verify them: it
+    sets TRITON_INTERPRET=1 when elman_triton is not imported yet, says it is too late (changing
+    nothing; python -m elman_triton.bench then starts again) when it is, and leaves a GPU process alone."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "elman_triton" in sys.modules
+    assert benchmarks.interpret_without_gpu() is (not CUDA) and "TRITON_INTERPRET" not in os.environ
+    monkeypatch.delitem(sys.modules, "elman_triton")
+    assert benchmarks.interpret_without_gpu() is False
+    assert os.environ.get("TRITON_INTERPRET") == (None if CUDA else "1")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("elman_triton.bench") is None,
+                    reason="installed before benchmarks/ shipped as elman_triton.bench: pip install -e .")
+def test_runs_from_any_folder(tmp_path):
+    """Installed, the suite is elman_triton.bench: python -m elman_triton.bench runs outside the checkout,
+    and on CPU still checks the Triton kernels in the interpreter (that import of the package comes
+    before the CLI can set TRITON_INTERPRET, so the CLI starts the process again with it set)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "elman_triton.bench", "--out", "out", *TINY, "--verify-only",
+                           "--providers", "eager", "stepwise", "--modes", "forward", "--no-module-rows"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert doc["metadata"]["command"].startswith("python -m elman_triton.bench ")
+    if not CUDA:
+        assert {r["status"] for r in doc["interpreter_rows"]} == {"passed"}
+        assert "verification of the Triton kernels in Triton's interpreter" in proc.stdout
