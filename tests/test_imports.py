@@ -17,6 +17,7 @@ The layers, lowest first:
     research      diagnostics.py (record_state_gradients, through the modules' documented
                   state_grad_norms_hook) and init.py (irnn_, orthogonal_): tools built on the modules.
     package       __init__.py: the public names, re-exported.
+    bench         benchmarks/*.py (installed as elman_triton.bench): the benchmark suite, on top of it all.
 
 A new file must be given its layer in LAYERS below; until it is, test_every_file_has_a_layer fails and says so.
 """
@@ -25,7 +26,7 @@ import fnmatch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["kernels", "launchers", "ops", "modules", "research", "package"]
+ORDER = ["kernels", "launchers", "ops", "modules", "research", "package", "bench"]
 LAYERS = {  # path from the repository root (or a pattern) -> layer
     "kernels/*.py": "kernels",
     "elman_triton/config.py": "launchers",
@@ -40,13 +41,16 @@ LAYERS = {  # path from the repository root (or a pattern) -> layer
     "elman_triton/diagnostics.py": "research",
     "elman_triton/init.py": "research",
     "elman_triton/__init__.py": "package",
+    "benchmarks/*.py": "bench",
 }
-# Where each package's modules live: elman_triton.kernels ships from the top-level kernels/ folder.
-PACKAGES = {"elman_triton": "elman_triton", "elman_triton.kernels": "kernels"}
+# Where each package's modules live: elman_triton.kernels ships from the top-level kernels/ folder,
+# elman_triton.bench from benchmarks/ (which also runs from the root as the package `benchmarks`).
+PACKAGES = {"elman_triton": "elman_triton", "elman_triton.kernels": "kernels", "elman_triton.bench": "benchmarks",
+            "benchmarks": "benchmarks"}
 
 
 def package_files(root=ROOT):
-    return sorted(p.relative_to(root).as_posix() for folder in PACKAGES.values() for p in (root / folder).glob("*.py"))
+    return sorted({p.relative_to(root).as_posix() for folder in PACKAGES.values() for p in (root / folder).glob("*.py")})
 
 
 def layer_of(path):
