@@ -98,6 +98,8 @@ def fake_gpu(level):
         mock.patch.object(torch.cuda, "is_current_stream_capturing", lambda: False),
         mock.patch.object(torch.cuda, "device", lambda device: contextlib.nullcontext()),
         mock.patch.object(torch.cuda, "Event", lambda **kwargs: SimpleNamespace(record=lambda: None, query=lambda: True)),
+        # The launcher's raw stream handle (cached plans): Triton's driver asks torch the same way.
+        mock.patch.object(persistent, "_current_stream", lambda device: 0, create=True),
         # The launcher's error-word check (v0.3): a pinned host int32 where there is no GPU.
         mock.patch.object(persistent, "_pinned_flag", lambda: torch.empty(1, dtype=torch.int32), create=True),
         mock.patch.object(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
@@ -107,9 +109,11 @@ def fake_gpu(level):
         for module in (stepwise, persistent):
             patches += [mock.patch.object(module, name, FakeKernel(value))
                         for name, value in vars(module).items() if isinstance(value, JITFunction)]
-    for name, value in vars(persistent).items():  # caches of device facts: start empty, end empty
-        if hasattr(value, "cache_clear"):
-            value.cache_clear()
+    caches = [value.cache_clear for value in vars(persistent).values() if hasattr(value, "cache_clear")]
+    plans = getattr(persistent, "_PLANS", {})  # cached launch plans: each made with one level's kernels
+    caches.append(plans.clear)
+    for clear in caches:  # caches of device facts and compiled kernels: start empty, end empty
+        clear()
     driver = triton.runtime.driver
     previous = driver._active  # None where no GPU driver is active (a CPU machine): reset_active would raise
     driver.set_active(FakeDriver())
@@ -120,6 +124,8 @@ def fake_gpu(level):
             yield
     finally:
         driver._active = previous
+        for clear in caches:
+            clear()
 
 
 def bind(fn, **available):

@@ -1,7 +1,7 @@
 """What every Triton launcher shares: compile-time options (activation id, tanh form, dot precision), the
 layout of a layer's sequence buffers, the device guard and the direct launch of a compiled kernel."""
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from triton.runtime.jit import JITFunction
@@ -15,6 +15,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Triton picks interpreter or compiler when a kernel is decorated, that is when elman_triton.kernels
 # is imported with or without TRITON_INTERPRET=1; ask the kernel object rather than the environment.
 INTERPRETED = not isinstance(_stepwise_kernels.elman_step_fwd_kernel, JITFunction)
+
+# Floating-point contraction (a·b + c as one fma) for every kernel, passed to every launch and warmup
+# (enable_fp_fusion) rather than left to Triton's default, which is on up to 3.9 and turns off in 3.10
+# (3.9 warns about it): that would change the kernels' rounding and speed under users with a Triton
+# upgrade. On, because one rounding per multiply-add is at least as accurate as two, and it is what
+# every tolerance and timing of this project was measured with.
+FP_FUSION = True
 
 
 @dataclass(frozen=True)
@@ -80,10 +87,10 @@ class Layout:
     stride_b: int
     batch_first: bool
     reverse: bool
+    Hp: int = field(init=False, repr=False, compare=False)  # padded(H), kept: the launchers read it per call
 
-    @property
-    def Hp(self):
-        return padded(self.H)
+    def __post_init__(self):
+        object.__setattr__(self, "Hp", padded(self.H))
 
     @staticmethod
     def of(buf, H, dirs, batch_first, reverse):
@@ -113,6 +120,22 @@ def on_device(tensor):
     return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
+def with_fp_fusion(meta):
+    """A launch's meta-parameters with fp fusion chosen: FP_FUSION unless meta says otherwise."""
+    return meta if "enable_fp_fusion" in meta else dict(meta, enable_fp_fusion=FP_FUSION)
+
+
+def compile_kernel(kernel, args, meta):
+    """kernel compiled for these arguments and meta-parameters (Triton's warmup: from its cache when it
+    was compiled before), with fp fusion chosen (with_fp_fusion)."""
+    return kernel.warmup(*args, grid=(1,), **with_fp_fusion(meta))
+
+
+def constexpr_args(kernel, args, meta):
+    """The values of kernel's parameters after args, from meta: a compiled kernel takes them too."""
+    return tuple(meta[name] for name in kernel.arg_names[len(args):])
+
+
 def direct_launcher(kernel, grid, args, meta):
     """launch(*args) for kernel[grid] with these argument kinds and meta-parameters, with Triton's
     per-call binding done once: on GPU the kernel is compiled (or found in Triton's cache) by warmup,
@@ -120,12 +143,10 @@ def direct_launcher(kernel, grid, args, meta):
     specialisation and cache look-up that kernel[grid](...) repeats per call (most of the stepwise
     launcher's host time per step). Only arguments that the kernel does not specialise on (listed
     in its do_not_specialize, such as the step index) may differ between calls. Under the
-    interpreter it is kernel[grid] itself."""
+    interpreter it is kernel[grid] itself. fp fusion as with_fp_fusion."""
     if INTERPRETED:
-        launch = kernel[grid]
+        launch, meta = kernel[grid], with_fp_fusion(meta)
         return lambda *call_args: launch(*call_args, **meta)
-    compiled = kernel.warmup(*args, grid=grid, **meta)
-    names = kernel.arg_names
-    constexprs = [meta[name] for name in names[len(args):]]
-    runner = compiled[grid]
+    runner = compile_kernel(kernel, args, meta)[grid]
+    constexprs = constexpr_args(kernel, args, meta)
     return lambda *call_args: runner(*call_args, *constexprs)

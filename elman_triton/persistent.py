@@ -25,11 +25,14 @@ check_errors for when).
 import contextlib
 import dataclasses
 import functools
+import time
+import types
 
 import torch
 import triton
 
-from elman_triton.config import INTERPRETED, accumulator_dtype, cdiv, next_power_of_2, on_device, padded
+from elman_triton.config import (INTERPRETED, accumulator_dtype, cdiv, compile_kernel, constexpr_args,
+                                 next_power_of_2, on_device, with_fp_fusion)
 from elman_triton.kernels.barrier import WORD_STRIDE, barrier_loop_kernel
 from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_kernel,
                                                    elman_persistent_large_fwd_kernel)
@@ -49,6 +52,11 @@ BN = 16  # hidden units per program in the large-H kernel (large_config override
 # Polls a barrier wait may make before it gives up. One poll is an L2 round trip (≈ 0.3-1 µs on a
 # busy H100/H200), so this is ≈ 1-2 s; a real step waits a few µs.
 MAX_POLLS = 1 << 21
+# Shared memory the hardware reserves for each resident block (sm_80 and later), beyond the kernel's own.
+RESERVED_SHARED_PER_BLOCK = 1024
+# Least time between two reads of a barrier buffer's error word by the launches (see check_errors): a
+# read is an asynchronous copy and an event, a few µs of host time, so at most one per millisecond.
+ERROR_READ_INTERVAL_S = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,70 +155,226 @@ def check_supported(B, H, dtype, device):
                          f"must each fit {LARGE_SLICE_BYTES // 1024} KiB on-chip; use backend='stepwise' or 'auto'")
 
 
-def fits(layout, dtype, device, opts):
+def fits(layout, dtype, device, opts, has_lengths=None):
     """Whether "auto" may use this backend: the size is held (supports) and, for the large kernel, the
-    device holds one direction's n_col programs at once (forward and backward kernels), by the compiled
-    kernels' registers and shared memory. Computed once per device and configuration (cached)."""
+    device holds one direction's n_col programs at once, forward and backward, by the registers and
+    shared memory of the kernels such a call compiles (see _stand_in_plan). has_lengths: whether the
+    call passes lengths, whose kernels need more registers (bf16, BH = 1024: 206 instead of 127);
+    None (not known) asks that both fit. Computed once per layout, device and configuration."""
     if not supports(layout.B, layout.H, dtype, device):
         return False
     if _is_small(layout.H, dtype, device) or INTERPRETED:
         return True
-    plans = [_plan(kernel, layout.H, dtype, device, opts)
-             for kernel in (elman_persistent_large_fwd_kernel, elman_persistent_large_bwd_kernel)]
-    return all(plan.capacity >= plan.n_col for plan in plans)
+    device = torch.device(device)
+    variants = (False, True) if has_lengths is None else (bool(has_lengths),)
+    return all(_stand_in_plan(kernel, layout, dtype, device, opts, _large, with_lengths).fits
+               for kernel in (elman_persistent_large_fwd_kernel, elman_persistent_large_bwd_kernel)
+               for with_lengths in variants)
+
+
+def sequential_directions(layout, dtype, device, opts, has_lengths=False):
+    """Whether a bidirectional layer on the large kernel runs its directions one launch after the other
+    (the device cannot hold both grids at once). False for the small kernel and under the interpreter."""
+    if layout.dirs == 1 or INTERPRETED or _is_small(layout.H, dtype, device):
+        return False
+    plan = _stand_in_plan(elman_persistent_large_fwd_kernel, layout, dtype, torch.device(device), opts, _large,
+                          has_lengths)
+    return 2 * plan.n_col > plan.capacity
 
 
 def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
-    lay = layout
-    lay.check(xp, "xp")
-    lay.check(y, "y")
-    bias_arg = bias if bias is not None else xp
-    h0_strides = h0.stride()  # (dirs, B, Hp) rows, see kernels/common.load_state
-    meta = dict(HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT,
-                FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
+    layout.check(xp, "xp")
+    layout.check(y, "y")
+    tensors = (xp, y, h0, weight_hh, xp if bias is None else bias, h_n, lengths)
     with on_device(y):
-        if _is_small(lay.H, y.dtype, y.device):
-            elman_persistent_small_fwd_kernel[(cdiv(lay.B, BB), lay.dirs)](
-                xp, y, h0, weight_hh, bias_arg, h_n, lengths, lay.T, lay.B, lay.H, *lay.seq_strides, *h0_strides,
-                *weight_hh.stride(),
-                **meta, num_warps=_num_warps_small(y.dtype))
-            return
-        _launch_large(elman_persistent_large_fwd_kernel, lay, y, n_units=lay.T, opts=opts,
-                      pointers=(xp, y, h0, weight_hh, bias_arg, h_n, lengths),
-                      strides=(*lay.seq_strides, *h0_strides[:2], *weight_hh.stride()), meta=meta)
+        _run((_forward_plan, layout, y.dtype, opts, bias is not None, _dtype(lengths), h0.stride(),
+              weight_hh.stride()), tensors, y.device)
 
 
 def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
     """Fills dz (y's layout); returns ∂L/∂h0 (dirs, B, H) in the accumulator dtype."""
     lay = layout
     lay.check(dz, "dz")
-    meta = dict(HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT, PRECISION=opts.PRECISION,
-                UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
-    dy_strides = lay.dy_strides(dy)
-    w_strides = weight_hh.stride()
+    key = (_backward_plan, lay, y.dtype, opts, _dtype(lengths), dy.stride(), weight_hh.stride())
     with on_device(y):
         if _is_small(lay.H, y.dtype, y.device):
             dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=accumulator_dtype(y.dtype), device=y.device)
-            elman_persistent_small_bwd_kernel[(cdiv(lay.B, BB), lay.dirs)](
-                dy, dh_n, y, weight_hh, dz, dh0, lengths, lay.T, lay.B, lay.H, *dy_strides, *dh_n.stride(),
-                *lay.seq_strides, *w_strides, **meta, num_warps=_num_warps_small(y.dtype))
+            _run(key + (dh_n.stride(),), (dy, dh_n, y, weight_hh, dz, dh0, lengths), y.device)
             return dh0
         # The large kernel reads ∂L/∂h_n from, and leaves ∂L/∂h0 in, this (dirs, B, Hp) buffer.
         dh = torch.empty(lay.dirs, lay.B, lay.Hp, dtype=accumulator_dtype(y.dtype), device=y.device)
-        dh[..., :lay.H].copy_(dh_n)
-        _launch_large(elman_persistent_large_bwd_kernel, lay, y, n_units=2 * lay.T, opts=opts,
-                      pointers=(dy, y, weight_hh, dz, dh, lengths),
-                      strides=(*dy_strides, *lay.seq_strides, dh.stride(0), dh.stride(1), *w_strides), meta=meta)
-        return dh[..., :lay.H]
+        if lay.Hp == lay.H:
+            dh.copy_(dh_n)
+        else:
+            dh = dh[..., :lay.H].copy_(dh_n)  # a view of the buffer, as the caller gets ∂L/∂h0 back
+        _run(key + (None,), (dy, y, weight_hh, dz, dh, lengths), y.device)
+        return dh
+
+
+def _dtype(tensor):
+    return None if tensor is None else tensor.dtype
+
+
+# ------------------------------------------------------------------------------------ launch plans
+
+class _Plan:
+    """Everything a call with one key needs but its tensors, built once (_PLANS): `runs`, the
+    (launch, tail) pairs of its launches, each called as launch(*tensors, [words,] *tail), launch a
+    compiled kernel bound to its grid and stream (or kernel[grid] under the interpreter) and tail its
+    remaining arguments; for the large kernel `n_words`, the barrier words it uses, `words`, the
+    eager buffer it shares (attached by the first eager call), and `what` ran, for error messages."""
+    __slots__ = ("runs", "n_words", "words", "what")
+
+    def __init__(self, runs, n_words=None, words=None, what=None):
+        self.runs, self.n_words, self.words, self.what = runs, n_words, words, what
+
+
+# (key, large_config, device, stream, alignment) -> _Plan. A key names the builder and every argument of
+# the launch that Triton specialises on or that sizes the grid (see forward_recurrence); the alignment
+# guard adds the tensors' 16-byte alignment, so a compiled kernel only ever gets pointers it was
+# specialised for.
+_PLANS = {}
+_PLANS_MAX = 1024  # keys include T: a bound, not a cache policy
+
+
+def _run(key, tensors, device):
+    """Launch the kernels of key's plan on these tensors, building the plan on first use."""
+    if INTERPRETED:  # host time does not matter there; a plan per call follows kernels that tests replace
+        plan = key[0](tensors, device, None, *key[1:])
+        words = () if plan.n_words is None else (plan.words,)
+        for launch, tail in plan.runs:
+            launch(*tensors, *words, *tail)
+        return
+    stream = _current_stream(device)
+    plan_key = (key, _large, device, stream, _alignment(tensors))
+    plan = _PLANS.get(plan_key)
+    if plan is None:
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        plan = _PLANS[plan_key] = key[0](tensors, device, stream, *key[1:])
+    if plan.n_words is None:  # small kernel: no barrier
+        for launch, tail in plan.runs:
+            launch(*tensors, *tail)
+        return
+    if torch.cuda.is_current_stream_capturing():  # a buffer of the capture's own, see _barrier_words
+        words = _barrier_words(device, plan.n_words)
+        for launch, tail in plan.runs:
+            launch(*tensors, words, *tail)
+        return
+    words = plan.words
+    if words is None:
+        words = plan.words = _barrier_words(device, plan.n_words)
+    due = time.perf_counter() >= _reads.due  # time to look at the error word (see check_errors)
+    if due:
+        check_errors(device)
+    for launch, tail in plan.runs:
+        launch(*tensors, words, *tail)
+    if due:
+        _reads.due = time.perf_counter() + ERROR_READ_INTERVAL_S
+        if not _PENDING:
+            _after_launch(words, plan.what)
+
+
+def _current_stream(device):
+    """The handle of device's current CUDA stream, as torch.cuda.current_stream(device).cuda_stream
+    gives it, without building a Stream object (a few µs)."""
+    return torch._C._cuda_getCurrentRawStream(device.index)
+
+
+def _alignment(tensors):
+    """0 when every tensor is 16-byte aligned (the usual case: one OR per tensor), else which are not.
+    Triton specialises a pointer on exactly this (aligned loads and stores, or not)."""
+    bits = 0
+    for t in tensors:
+        if t is not None:
+            bits |= t.data_ptr()
+    if not bits & 15:
+        return 0
+    return tuple(t is not None and t.data_ptr() & 15 != 0 for t in tensors)
+
+
+def _forward_plan(tensors, device, stream, lay, dtype, opts, has_bias, lengths_dtype, h0_strides, w_strides):
+    meta = dict(HAS_BIAS=has_bias, HAS_LENGTHS=lengths_dtype is not None, REVERSE=lay.reverse, ACT=opts.ACT,
+                FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
+    if _is_small(lay.H, dtype, device):
+        return _small_plan(elman_persistent_small_fwd_kernel, lay, dtype, stream, tensors,
+                           (lay.T, lay.B, lay.H, *lay.seq_strides, *h0_strides, *w_strides), meta)
+    return _large_plan(elman_persistent_large_fwd_kernel, lay, dtype, device, stream, tensors, lay.T,
+                       (*lay.seq_strides, *h0_strides[:2], *w_strides), meta)
+
+
+def _backward_plan(tensors, device, stream, lay, dtype, opts, lengths_dtype, dy_strides, w_strides, dh_n_strides):
+    meta = dict(HAS_LENGTHS=lengths_dtype is not None, REVERSE=lay.reverse, ACT=opts.ACT, PRECISION=opts.PRECISION,
+                UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
+    dy_strides = lay.dy_strides(tensors[0])
+    if _is_small(lay.H, dtype, device):
+        return _small_plan(elman_persistent_small_bwd_kernel, lay, dtype, stream, tensors,
+                           (lay.T, lay.B, lay.H, *dy_strides, *dh_n_strides, *lay.seq_strides, *w_strides), meta)
+    dh = tensors[4]
+    return _large_plan(elman_persistent_large_bwd_kernel, lay, dtype, device, stream, tensors, 2 * lay.T,
+                       (*dy_strides, *lay.seq_strides, dh.stride(0), dh.stride(1), *w_strides), meta)
+
+
+def _small_plan(kernel, lay, dtype, stream, tensors, tail, meta):
+    grid = (cdiv(lay.B, BB), lay.dirs)
+    meta = dict(meta, num_warps=_num_warps_small(dtype))
+    return _Plan([_bound_launch(kernel, grid, (*tensors, *tail), len(tensors), meta, stream)])
+
+
+def _large_plan(kernel, lay, dtype, device, stream, tensors, n_units, strides, meta):
+    """The large kernel's launches, sized from the kernel compiled for exactly these arguments."""
+    meta = dict(meta, **_large_meta(lay.H, dtype))
+    n_col, n_tiles = cdiv(lay.H, meta["BN"]), cdiv(lay.B, BB)
+    n_lead = len(tensors) + 1  # the tensors and the barrier buffer, which each call passes
+
+    def args(unit_begin, unit_end, dir_base, patience, words):
+        return (*tensors, words, lay.T, lay.B, lay.H, unit_begin, unit_end, dir_base, patience, *strides)
+
+    if INTERPRETED:
+        # One unit (step or phase) per launch: Triton's interpreter runs programs one after another,
+        # so there is no barrier (and its buffer is any int32 tensor).
+        words = torch.zeros(WORD_STRIDE.value, dtype=torch.int32, device=device)
+        runs = [_bound_launch(kernel, (n_col, n_tiles, lay.dirs), args(u, u + 1, 0, 0, words), n_lead,
+                              dict(meta, USE_BARRIER=False), stream) for u in range(n_units)]
+        return _Plan(runs, n_words=0, words=words)
+    # Compiled for these very arguments: the plan describes the kernel that is launched.
+    stand_in_words = torch.empty(1, dtype=torch.int32, device=device)  # any 16-byte aligned int32 buffer
+    compiled, plan = _compile_large(kernel, args(0, n_units, 0, MAX_POLLS, stand_in_words), meta, lay.H, device)
+    if not plan.fits:
+        raise RuntimeError(f"persistent kernel {kernel.__name__} for H={lay.H} needs {plan.n_col} co-resident "
+                           f"programs but this GPU holds {plan.capacity}; use backend='stepwise' or 'auto'")
+    # Both directions in one grid when the device holds them; else one launch per direction.
+    dirs_at_once = lay.dirs if lay.dirs * n_col <= plan.capacity else 1
+    n_group = min(n_tiles, plan.capacity // (n_col * dirs_at_once))
+    grid = (n_col, n_group, dirs_at_once)
+    runs = [_bound_launch(kernel, grid, args(0, n_units, dir_base, MAX_POLLS, stand_in_words), n_lead, plan.meta,
+                          stream, compiled) for dir_base in range(0, lay.dirs, dirs_at_once)]
+    return _Plan(runs, n_words=lay.dirs * n_group, what=(kernel.__name__, lay.H, grid, len(runs)))
+
+
+def _bound_launch(kernel, grid, args, n_leading, meta, stream, compiled=None):
+    """(launch, tail) with launch(*args[:n_leading], *tail) == kernel[grid](*args, **meta) (fp fusion
+    as config.with_fp_fusion): on GPU the compiled kernel bound to grid and stream, called with the full argument list
+    (as config.direct_launcher), skipping Triton's per-call binding, specialisation and cache look-up; valid
+    for any later leading arguments Triton specialises alike (the plan key's job)."""
+    if INTERPRETED:
+        return functools.partial(kernel[grid], **with_fp_fusion(meta)), args[n_leading:]
+    compiled = compiled or compile_kernel(kernel, args, meta)
+    tail = (*args[n_leading:], *constexpr_args(kernel, args, meta))
+    return functools.partial(compiled[grid], stream=stream), tail
 
 
 @dataclasses.dataclass(frozen=True)
 class LargeKernelPlan:
-    """One large-H kernel configuration on one device: its meta-parameters and how many of its
-    programs the whole device holds at once."""
+    """One compiled large-H kernel on one device: its meta-parameters, its n_col column programs (one
+    barrier group of one direction) and how many of its programs the whole device holds at once."""
     meta: dict
     n_col: int
     capacity: int
+
+    @property
+    def fits(self):
+        return self.capacity >= self.n_col
 
 
 def _large_meta(H, dtype):
@@ -222,95 +386,66 @@ def _large_meta(H, dtype):
 def _large_meta_cached(H, dtype, config):
     BH = _bh(H)
     num_warps = _num_warps_large(BH, dtype)
-    return dict(BN=_large.BN, K_SPLIT=_k_split(BH, num_warps), num_warps=num_warps, FLIP=_large.flip_barrier)
+    return dict(BN=config.BN, K_SPLIT=_k_split(BH, num_warps), num_warps=num_warps, FLIP=config.flip_barrier)
 
 
-def _plan(kernel, H, dtype, device, opts):
-    meta = _large_meta(H, dtype)
-    return _plan_cached(kernel, H, dtype, torch.device(device), opts, tuple(sorted(meta.items())))
+def _compile_large(kernel, args, meta, H, device):
+    """(compiled, LargeKernelPlan) of the large kernel compiled for exactly these arguments and
+    meta-parameters (found in Triton's cache when compiled before) as a cooperative launch."""
+    meta = dict(meta, USE_BARRIER=True, launch_cooperative_grid=True)
+    compiled = compile_kernel(kernel, args, meta)
+    return compiled, LargeKernelPlan(meta, cdiv(H, meta["BN"]), _coresident_programs(compiled, device,
+                                                                                       meta["num_warps"]))
 
 
-@functools.cache
-def _plan_cached(kernel, H, dtype, device, opts, meta_items):
-    """Compile the kernel once for (device, H, dtype, options) and read its registers and shared memory;
-    every later call finds the answer here (no warmup per call). The stand-in arguments have the
-    divisibility a contiguous batch of 16 rows gives the real ones, so Triton specialises the same way
-    (registers can differ by a few in other specialisations; the cooperative launch then fails with an
-    error rather than hangs)."""
-    meta = dict(meta_items)
-    n_col = cdiv(H, meta["BN"])
-    if INTERPRETED:
-        return LargeKernelPlan(meta, n_col, capacity=n_col)
-    compiled = kernel.warmup(*_stand_in_args(kernel, H, dtype, device), **_stand_in_constexprs(kernel, H, opts),
-                             USE_BARRIER=True, launch_cooperative_grid=True, grid=(n_col, 1, 1), **meta)
-    return LargeKernelPlan(meta, n_col, _coresident_programs(compiled, device, meta["num_warps"]))
+@functools.lru_cache(maxsize=256)
+def _stand_in_plan(kernel, layout, dtype, device, opts, config, has_lengths):
+    """The LargeKernelPlan of the launch that a call with this layout makes, for fits (which has no
+    tensors): compiled from stand-ins that Triton specialises as the tensors ops passes (16-byte
+    aligned; h0 and W_hh rows padded to Hp and contiguous; dy laid out like y; a bias in the
+    accumulator dtype; lengths or not), so the call's own launch finds this compile in Triton's cache.
+    config (the large_config in force) is part of the cache key."""
+    args = _stand_in_args(kernel, layout, dtype, device, has_lengths)
+    meta = dict(_stand_in_constexprs(kernel, layout, opts, has_lengths), **_large_meta(layout.H, dtype))
+    return _compile_large(kernel, args, meta, layout.H, device)[1]
 
 
-def _stand_in_args(kernel, H, dtype, device, B=16):
-    Hp = padded(H)
+def _stand_in_args(kernel, lay, dtype, device, has_lengths):
+    B, H, Hp = lay.B, lay.H, lay.Hp
     accumulator = torch.empty(1, dtype=accumulator_dtype(dtype), device=device)
-    tensors = {"p_len": torch.empty(B, dtype=torch.int64, device=device),
-               "p_barrier": torch.empty(64, dtype=torch.int32, device=device),
+    tensors = {"p_len": torch.empty(B, dtype=torch.int64, device=device) if has_lengths else None,
+               "p_barrier": torch.empty(1, dtype=torch.int32, device=device),
                "p_dh": accumulator, "p_bias": accumulator}
-    ints = dict(T=B, B=B, H=H, unit_begin=0, unit_end=1, dir_base=0, patience=MAX_POLLS,
+    stride_t, stride_b, stride_d = lay.seq_strides
+    ints = dict(T=lay.T, B=B, H=H, unit_begin=0, unit_end=1, dir_base=0, patience=MAX_POLLS,
                 stride_w_d=H * Hp, stride_w_n=Hp, stride_w_k=1, stride_h0_d=B * Hp, stride_h0_b=Hp,
-                stride_dh_d=B * Hp, stride_dh_b=Hp)
+                stride_dh_d=B * Hp, stride_dh_b=Hp, stride_dy_h=1)
     for name in ("y", "dy"):
-        ints.update({f"stride_{name}_t": B * Hp, f"stride_{name}_b": Hp, f"stride_{name}_d": Hp, f"stride_{name}_h": 1})
+        ints.update({f"stride_{name}_t": stride_t, f"stride_{name}_b": stride_b, f"stride_{name}_d": stride_d})
     stand_in = torch.empty(1, dtype=dtype, device=device)
     names = [n for n in kernel.arg_names if n.startswith(("p_", "stride_")) or n in ints]
-    return [tensors.get(n, stand_in) if n.startswith("p_") else ints[n] for n in names]
+    return [tensors[n] if n in tensors else stand_in if n.startswith("p_") else ints[n] for n in names]
 
 
-def _stand_in_constexprs(kernel, H, opts):
-    values = dict(HAS_BIAS=True, HAS_LENGTHS=False, REVERSE=False, BB=BB, BH=_bh(H), ACT=opts.ACT,
+def _stand_in_constexprs(kernel, lay, opts, has_lengths):
+    values = dict(HAS_BIAS=True, HAS_LENGTHS=has_lengths, REVERSE=lay.reverse, BB=BB, BH=_bh(lay.H), ACT=opts.ACT,
                   FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST)
     return {name: value for name, value in values.items() if name in kernel.arg_names}
 
 
-def _launch_large(kernel, lay, y, n_units, opts, pointers, strides, meta):
-    n_tiles = cdiv(lay.B, BB)
-    meta = dict(meta, **_large_meta(lay.H, y.dtype))
-    n_col = cdiv(lay.H, meta["BN"])
-    if INTERPRETED:
-        # One unit (step or phase) per launch: Triton's interpreter runs programs one after another.
-        for u in range(n_units):
-            kernel[(n_col, n_tiles, lay.dirs)](*pointers, y, lay.T, lay.B, lay.H, u, u + 1, 0, 0, *strides,
-                                               **meta, USE_BARRIER=False)
-        return
-    capacity = _plan(kernel, lay.H, y.dtype, y.device, opts).capacity
-    if n_col > capacity:
-        raise RuntimeError(f"persistent kernel {kernel.__name__} for H={lay.H} needs {n_col} co-resident programs "
-                           f"but this GPU holds {capacity}; use backend='stepwise' or 'auto'")
-    # Both directions in one grid when the device holds them; else one launch per direction.
-    dirs_at_once = lay.dirs if lay.dirs * n_col <= capacity else 1
-    n_group = min(n_tiles, capacity // (n_col * dirs_at_once))
-    words = _barrier_words(y.device, lay.dirs * n_group)
-    grid = (n_col, n_group, dirs_at_once)
-    for dir_base in range(0, lay.dirs, dirs_at_once):
-        kernel[grid](*pointers, words, lay.T, lay.B, lay.H, 0, n_units, dir_base, MAX_POLLS, *strides,
-                     **meta, USE_BARRIER=True, launch_cooperative_grid=True)
-    _after_launch(words, (kernel.__name__, lay.H, grid, lay.dirs // dirs_at_once))
-
-
-def sequential_directions(layout, dtype, device, opts):
-    """Whether a bidirectional layer on the large kernel runs its directions one launch after the other
-    (the device cannot hold both grids at once). False for the small kernel and under the interpreter."""
-    if layout.dirs == 1 or INTERPRETED or _is_small(layout.H, dtype, device):
-        return False
-    plan = _plan(elman_persistent_large_fwd_kernel, layout.H, dtype, device, opts)
-    return 2 * plan.n_col > plan.capacity
-
-
 def _coresident_programs(compiled, device, num_warps):
     """How many programs of this compiled kernel the whole GPU holds at once (registers, shared memory,
-    threads per SM), as Triton's fused-softmax tutorial computes occupancy."""
+    threads per SM), as Triton's fused-softmax tutorial computes occupancy, plus the shared memory the
+    hardware reserves for each resident block (RESERVED_SHARED_PER_BLOCK). Triton reports the opt-in
+    maximum per block, which is the SM's shared memory less one block's reservation (Hopper: 227 of
+    228 KiB, A100: 163 of 164), so the SM's total is that plus one reservation."""
     compiled._init_handles()
     props = _device_properties(device)
     threads = 32 * num_warps
     regs = -(-compiled.n_regs // 8) * 8  # registers are allocated 256 per warp, 8 per thread
+    shared_per_sm = props["max_shared_mem"] + RESERVED_SHARED_PER_BLOCK
     per_sm = min(props["max_num_regs"] // max(1, regs * threads),
-                 props["max_shared_mem"] // max(1, compiled.metadata.shared),
+                 shared_per_sm // (compiled.metadata.shared + RESERVED_SHARED_PER_BLOCK),
                  2048 // threads)
     return per_sm * props["multiprocessor_count"]
 
@@ -319,7 +454,8 @@ def _coresident_programs(compiled, device, num_warps):
 
 _BARRIER_WORDS = {}  # (device, stream) -> the int32 buffer that stream's eager launches share
 _CAPTURED_WORDS = []  # buffers made during CUDA-graph captures: kept alive as long as the process
-_PENDING = []  # (event, pinned host copy of the error word, buffer key, what ran) not yet checked
+_PENDING = []  # reads of an error word in flight, oldest first: (event, pinned host copy, buffer, what ran)
+_reads = types.SimpleNamespace(due=0.0)  # perf_counter time from which a large-H launch reads its error word
 
 
 def _barrier_words(device, n_words):
@@ -343,15 +479,19 @@ def _barrier_words(device, n_words):
     key = (device, torch.cuda.current_stream(device).cuda_stream)
     words = _BARRIER_WORDS.get(key)
     if words is None or words.numel() < size:
+        if words is not None:  # too small: the plans that share it take the larger one, after a last
+            _PLANS.clear()      # read of its error word (sticky: it covers every launch it served)
+            _after_launch(words, None)
         words = torch.zeros(max(size, WORD_STRIDE.value * 257), dtype=torch.int32, device=device)
         _BARRIER_WORDS[key] = words
     return words
 
 
 def _after_launch(words, what):
-    """Queue a check of the launch's error word without synchronising: an asynchronous copy of the word
-    to pinned memory and an event; check_errors reads it once the event has completed (at the next
-    large-H launch on the device, or when called). Nothing is queued inside a graph capture."""
+    """Queue a read of the buffer's error word without synchronising: an asynchronous copy of the word
+    to pinned memory and an event; check_errors reads the copy once the event has completed. The
+    kernels only ever set the word (it is sticky), so one read sees a timeout of this launch or of
+    any earlier one on the buffer. Nothing is queued inside a graph capture."""
     if torch.cuda.is_current_stream_capturing():
         return
     flag = _pinned_flag()
@@ -367,28 +507,59 @@ def _pinned_flag():
 
 
 def check_errors(device=None, wait=False):
-    """Raise RuntimeError if a finished large-H launch (on device, or any) reported a barrier timeout.
-    Launches still running are left for later unless wait=True (which synchronises on them)."""
+    """Raise RuntimeError if a large-H launch (on device, or any) reported a barrier timeout.
+
+    Large-H calls read their buffer's error word back lazily: at most every ERROR_READ_INTERVAL_S one
+    call queues an asynchronous read (when none is in flight) and a later call looks at it, so a
+    timeout is reported a few calls after it happened, never for the last calls of a run nor for
+    replays of a CUDA graph. wait=True synchronises and reads every barrier buffer now, eager and
+    captured: call it at the end of a run, or before trusting its results. Without wait it never
+    blocks, and stops at the first read not yet complete (reads complete in order), so its cost does
+    not grow with how far the CPU runs ahead of the GPU."""
+    device = None if device is None else torch.device(device)
     for entry in list(_PENDING):
         event, flag, words, what = entry
-        if device is not None and words.device != torch.device(device):
+        if device is not None and words.device != device:
             continue
-        if not (wait and (event.synchronize() or True)) and not event.query():
-            continue
+        if wait:
+            event.synchronize()
+        elif not event.query():
+            break
         _PENDING.remove(entry)
         if flag.item():
-            _forget(words)
-            name, H, grid, launches = what
-            raise RuntimeError(f"{name} (H={H}, grid={grid}, {launches} launch(es)): a grid-barrier wait gave up after {MAX_POLLS} polls, so the result is "
-                               "invalid. The programs of a barrier group were not all running at once (the GPU "
-                               "was shared or preempted?); rerun, or use backend='stepwise'")
+            _timed_out(words, what)
+    if wait:
+        for words in list(_BARRIER_WORDS.values()) + (
+                [] if torch.cuda.is_current_stream_capturing() else _CAPTURED_WORDS):
+            if device is None or words.device == device:
+                if words.device.type == "cuda":
+                    torch.cuda.synchronize(words.device)
+                if words[0].item():
+                    _timed_out(words, None)
+
+
+def _timed_out(words, what):
+    captured = any(words is w for w in _CAPTURED_WORDS)
+    _forget(words)
+    if what is None:
+        what = "a large-H launch captured in a CUDA graph" if captured else f"a large-H launch on {words.device}"
+    else:
+        name, H, grid, launches = what
+        what = f"{name} (H={H}, grid={grid}, {launches} launch(es))"
+    raise RuntimeError(f"{what}: a grid-barrier wait gave up after {MAX_POLLS} polls (in this call or an earlier "
+                       "one on its stream since the last check), so those results are invalid. The programs of a "
+                       "barrier group were not all running at once (the GPU was shared or preempted?); rerun, or "
+                       "use backend='stepwise'")
 
 
 def _forget(words):
-    """Drop a buffer whose words a timed-out launch left half-arrived; the next launch makes a new one."""
+    """Drop a buffer (a timed-out launch left its words half-arrived, or it is too small): the plans
+    that use it and its reads in flight go too, and the next eager launch makes a new one."""
     for key, value in list(_BARRIER_WORDS.items()):
         if value is words:
             del _BARRIER_WORDS[key]
+    _PENDING[:] = [entry for entry in _PENDING if entry[2] is not words]
+    _PLANS.clear()
 
 
 def run_barrier_loop(words, n_iters, n_programs, grid_programs=None, patience=MAX_POLLS, flip=True):
@@ -397,7 +568,7 @@ def run_barrier_loop(words, n_iters, n_programs, grid_programs=None, patience=MA
     the timeout path (tests run it under the interpreter)."""
     grid = (grid_programs or n_programs,)
     extra = {} if INTERPRETED else {"launch_cooperative_grid": True, "num_warps": 4}
-    barrier_loop_kernel[grid](words, n_iters, n_programs, patience, FLIP=flip, **extra)
+    barrier_loop_kernel[grid](words, n_iters, n_programs, patience, **with_fp_fusion(dict(extra, FLIP=flip)))
     if INTERPRETED:
         if words[0].item():
             raise RuntimeError(f"barrier_loop_kernel (grid={grid}, group of {n_programs}): a grid-barrier wait "

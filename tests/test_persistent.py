@@ -11,13 +11,14 @@ from elman_triton import elman_rnn, persistent
 from elman_triton.config import INTERPRETED, kernel_options
 from elman_triton.reference import elman_rnn_reference
 from test_stepwise import backward, forward
-from utils import TOLERANCE, as_float64, count_launches, leaves, make_problem, rel_err
+from utils import TOLERANCE, LaunchCounter, as_float64, leaves, make_problem, rel_err
 
 
 @pytest.fixture(params=["small", "large"])
 def variant(request, monkeypatch):
     if request.param == "large":
         monkeypatch.setattr(persistent, "SMALL_H_MAX", {dt: 0 for dt in persistent.SMALL_H_MAX})
+    monkeypatch.setattr(persistent, "_PLANS", {})  # a plan picks its kernel by SMALL_H_MAX once
     return request.param
 
 
@@ -89,6 +90,35 @@ def test_gradcheck_fp64(variant, device, nonlinearity):
         return y, h_n
 
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7, rtol=1e-5, fast_mode=True)
+
+
+class CompiledLaunchCounter(LaunchCounter):
+    """Counts launches through kernel[grid] (the interpreter) and through the compiled kernel that the
+    launcher's cached plans call directly (GPU)."""
+
+    def warmup(self, *args, **kwargs):
+        compiled, counter = self.kernel.warmup(*args, **kwargs), self
+
+        class Counted:
+            def __getitem__(self, grid):
+                launch = compiled[grid]
+
+                def counted(*a, **k):
+                    counter.launches += 1
+                    return launch(*a, **k)
+                return counted
+
+            def __getattr__(self, name):
+                return getattr(compiled, name)
+        return Counted()
+
+
+def count_launches(monkeypatch, module, *names):
+    counters = [CompiledLaunchCounter(getattr(module, name)) for name in names]
+    for name, counter in zip(names, counters):
+        monkeypatch.setattr(module, name, counter)
+    monkeypatch.setattr(persistent, "_PLANS", {})  # plans made with the kernels before
+    return counters
 
 
 @pytest.mark.parametrize("T", [1, 6])
