@@ -3,34 +3,54 @@ under its own `timeout` and a stuck phase costs only itself.
 
     python -m benchmarks.gpu_phases PHASE --out DIR [--limit SECONDS] [--dry-run]
 
-PHASE is one of environment, correctness, barrier, variants, standard, cudnn, summary. Each writes
-DIR/PHASE.json as it goes (a phase cut short keeps what it measured); summary reads them all and
-prints the closing table. --dry-run rehearses a phase on CPU at tiny sizes: every GPU-only call is
-replaced by a row that says "skipped: no GPU", everything around it runs.
+PHASE is one of environment, correctness, barrier, variants, standard, cudnn, family, summary. Each
+writes DIR/PHASE.json as it goes (a phase cut short keeps what it measured) and ends with
+persistent.check_errors(wait=True), so a barrier timeout of its last large-H call is reported too;
+summary reads them all and prints the closing table. --dry-run rehearses a phase on CPU at tiny
+sizes: every GPU-only call is replaced by a row that says "skipped: no GPU", everything around it runs.
+
+The phases that run a child (pytest, python -m benchmarks) start it in a process group of its own and
+stop it at the phase's limit with SIGINT first, so that pytest still writes its JUnit report and the
+benchmark keeps its last checkpoint, then kill the group: no pytest-xdist worker outlives its phase.
 """
 import argparse
 import contextlib
 import json
 import math
+import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-import torch
-
+# torch is imported inside the phases that use it: the summary needs none and so stays within its
+# few seconds even on a loaded machine.
 REPO = Path(__file__).resolve().parents[1]
 SKIPPED = "skipped: no GPU"
 
-# Correctness: the gpu-marked tests of the whole suite, then these CPU-suite files run on CUDA.
-CORRECTNESS_SAMPLE = ["tests/test_ops.py", "tests/test_persistent.py", "tests/test_stepwise.py"]
+# Correctness: the gpu-marked tests of the whole suite, then a sample of the CPU suite run on CUDA.
+# The persistent kernels, the barrier and CUDA-graph capture (test_persistent, test_barrier) come
+# first in both: only a GPU can check them, and a part cut at its limit loses its tail.
+CORRECTNESS_FIRST = ["tests/test_persistent.py", "tests/test_barrier.py"]
+CORRECTNESS_SAMPLE = [*CORRECTNESS_FIRST, "tests/test_stepwise.py", "tests/test_ops.py"]
+CORRECTNESS_MARKS = {"gpu": "gpu", "sample": "not gpu and not sm90"}
+CORRECTNESS_GPU_SHARE = 0.55  # of the phase's time; the sample gets the rest, whatever the gpu part left
 DRY_CORRECTNESS = {"gpu": ["tests/test_persistent.py"],
                    "sample": ["tests/test_persistent.py::test_unsupported_size_fails_clearly",
                               "tests/test_persistent.py::test_small_kernel_at_256_needs_the_shared_memory"]}
 PER_TEST_TIMEOUT_S = 120
+
+# A child at its phase's limit gets SIGINT and this long to exit (pytest-xdist stops its workers and
+# pytest writes its JUnit report in about 3 s on CPU) before its group is killed; PHASE_SLACK_S of
+# the limit is left for the phase's own exit, inside the shell's `timeout`.
+GRACE_S = 8.0
+PHASE_SLACK_S = 5.0
+POLL_S = 2.0
+PROCESS_GROUPS = "process-groups"  # DIR/process-groups: every child group, for gpu_session.sh to sweep
 
 BARRIER_PROGRAMS = (16, 32, 64, 96, 128, 132)  # the large-H kernel's group sizes and one per SM (H200)
 BARRIER_SCHEMES = ("count", "flip")  # the v0.2 barrier (arrival count) and the v0.3 one (flip of the top bit)
@@ -38,16 +58,27 @@ BARRIER_ITERS = 10_000
 
 # The variants only a GPU can decide (issue 9, item 8): the large-H kernel's column block and its
 # warps / K split, bf16, T = 1024. {} is the launcher's own choice.
-# Most telling first (the per-step latency target is at B=16, H=1024): a phase cut short loses the tail.
-VARIANT_SHAPES = [(16, 1024), (16, 2048), (1, 1024), (1, 2048), (64, 1024), (64, 2048)]
+# The shapes that decide the defaults first, a phase cut short loses the tail: B = 16 (the per-step
+# latency target; one 16-row batch tile) at both H (warps and K split are chosen per H), then B = 64
+# (four batch tiles: more work per program and step), then B = 1, which runs the same 16-row tile
+# as B = 16 and so mostly repeats its answer.
+VARIANT_SHAPES = [(16, 1024), (16, 2048), (64, 1024), (64, 2048), (1, 1024), (1, 2048)]
 VARIANTS = [{}, {"BN": 16}, {"BN": 32}, {"num_warps": 8}, {"num_warps": 16}, {"K_SPLIT": 4}]
 VARIANT_T, VARIANT_CHECK_T = 1024, 64
 VARIANT_MODES = ("forward", "fwd_bwd")
 
 BENCH_PROVIDERS = ["torch_rnn", "eager", "stepwise", "stepwise_graph", "persistent", "auto"]
+# The standard grid, the target shapes in the order a phase cut short should keep them: B = 16,
+# H = 1024 (the per-step latency target) first, the large-H kernel's sizes before the small one's.
+STANDARD_ORDER = ["--batch", "16", "1", "8", "64", "--hidden", "1024", "2048", "256", "512"]
 DRY_SHAPE = ["--dtype", "fp32", "--batch", "2", "--hidden", "16", "--seq", "8", "--rep-ms", "5"]
 CUDNN_GRID = ["--dtype", "fp16", "--batch", "1", "8", "16", "64", "--hidden", "256", "512", "1024", "2048",
               "--seq", "1024"]
+
+# The RNN family (issue 17): ours against nn.LSTM / nn.GRU at the anchor shape, once the package has them.
+FAMILY_CELLS = ("LSTM", "GRU")
+FAMILY_SHAPE = {"T": 1024, "B": 16, "H": 768}  # FlashRNN's published LSTM shape (H100: 4.87 ms vs cuDNN 2.01)
+DRY_FAMILY_SHAPE = {"T": 8, "B": 2, "H": 16}
 
 
 class PhaseLog:
@@ -68,7 +99,23 @@ class PhaseLog:
         self.path.write_text(json.dumps(self.doc, indent=1, default=str) + "\n")
 
     def finish(self, **fields):
-        self.save(complete=True, **fields)
+        check = barrier_check()
+        print(f"persistent.check_errors(wait=True): {check}", flush=True)
+        self.save(complete=True, check_errors=check, **fields)
+
+
+def barrier_check():
+    """persistent.check_errors(wait=True) in this process: 'none', or the barrier timeout it raised.
+    A timed-out large-H launch is otherwise reported only by the next large-H call, never for the
+    last one; the phases that run a child (python -m benchmarks) check in the child too (bench_main)."""
+    try:
+        from elman_triton import persistent
+        persistent.check_errors(wait=True)
+    except RuntimeError as e:
+        return f"error: {one_line(e)}"
+    except (ImportError, AttributeError, TypeError) as e:
+        return f"unavailable: {one_line(e)}"
+    return "none"
 
 
 def one_line(error):
@@ -76,6 +123,7 @@ def one_line(error):
 
 
 def gpu_device(dry_run):
+    import torch
     if dry_run:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -86,6 +134,7 @@ def gpu_device(dry_run):
 # ---- environment ----------------------------------------------------------------------------------
 
 def phase_environment(args):
+    import torch
     import triton
     device = gpu_device(args.dry_run)
     env = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__,
@@ -104,10 +153,24 @@ def phase_environment(args):
     env["nvidia_smi"] = _command(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
                                   "--format=csv,noheader"])
     env["commit"] = _command(["git", "-C", str(REPO), "rev-parse", "HEAD"])
+    env["install"] = os.environ.get("ELMAN_TRITON_INSTALL", "not recorded (run outside gpu_session.sh)")
+    env.update(package_paths())
     log = PhaseLog(args.out, "environment", **env)
     log.finish()
     for key, value in env.items():
         print(f"{key}: {value}")
+
+
+def package_paths():
+    """Where elman_triton and its kernels were imported from: the checkout through pip's editable
+    install, or gpu_session.sh's PYTHONPATH layout when pip failed (and always in the dry run)."""
+    try:
+        import elman_triton
+        import elman_triton.kernels
+        return {"elman_triton": elman_triton.__file__, "elman_triton.kernels": elman_triton.kernels.__file__,
+                "kernels_source": os.path.realpath(elman_triton.kernels.__file__)}
+    except ImportError as e:
+        return {"elman_triton": f"import failed: {one_line(e)}"}
 
 
 def _command(argv):
@@ -117,13 +180,63 @@ def _command(argv):
         return f"unavailable ({one_line(e)})"
 
 
+# ---- children within the phase's limit ----------------------------------------------------------
+
+def run_bounded(argv, out, log_path, seconds, poll=None, grace=None):
+    """Run argv (output to log_path) in a process group of its own for at most `seconds`, calling
+    poll() every POLL_S and once at the end. At the limit the group gets SIGINT (pytest writes its
+    JUnit report, python -m benchmarks keeps its last checkpoint) and `grace` seconds to exit; then,
+    and after a clean exit too, the group is killed, so no worker it started outlives it. A SIGTERM
+    to this process (the shell's `timeout`) kills the group on the way out as well, and the group's
+    id is appended to DIR/process-groups for gpu_session.sh to sweep should this process be killed.
+    Returns (status, seconds): "exit N", "timeout: interrupted, exit N" or "timeout: killed"."""
+    grace = GRACE_S if grace is None else grace
+    start = time.monotonic()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    with open(Path(out) / PROCESS_GROUPS, "a") as groups:
+        groups.write(f"{proc.pid}\n")
+    try:
+        status = None
+        while status is None and time.monotonic() - start < seconds:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                status = f"exit {proc.wait(timeout=max(0.05, min(POLL_S, seconds - (time.monotonic() - start))))}"
+            if poll and status is None:
+                poll()
+        if status is None:
+            _signal_group(proc.pid, signal.SIGINT)
+            try:
+                status = f"timeout: interrupted, exit {proc.wait(timeout=grace)}"
+            except subprocess.TimeoutExpired:
+                status = "timeout: killed"
+    finally:
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if poll:
+        poll()
+    return status, round(time.monotonic() - start, 1)
+
+
+def _signal_group(pgid, sig):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _log_tail(path, chars):
+    try:
+        return Path(path).read_text(errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
 # ---- correctness ----------------------------------------------------------------------------------
 
 def pytest_options(out, name, dry_run):
     """Parallel with pytest-xdist and per-test timeouts with pytest-timeout where they are installed
-    (a GPU image may lack them: then serial, and only the phase's own timeout bounds a hang). The
-    dry run stays serial: its two tests would only pay for starting workers."""
-    options = ["-q", "-rs", "-p", "no:cacheprovider", f"--junitxml={Path(out) / f'junit-{name}.xml'}"]
+    (a GPU image may lack them: then serial, and only the phase's own limit bounds a hang). The dry
+    run stays serial: its two tests would only pay for starting workers. -rA: every test's outcome
+    in the log, also of a run interrupted at its limit."""
+    options = ["-q", "-rA", "-p", "no:cacheprovider", f"--junitxml={Path(out) / f'junit-{name}.xml'}"]
     have = {"xdist": _importable("xdist") and not dry_run, "pytest_timeout": _importable("pytest_timeout")}
     if have["xdist"]:
         options += ["-n", "4"]  # most of the time is kernel compilation on the host's cores
@@ -155,28 +268,33 @@ def junit_counts(path):
             "failed_tests": failed[:50]}
 
 
+def correctness_parts(dry_run):
+    """{part: pytest targets}: every test file, the persistent, barrier and graph-capture ones first
+    (named one by one: pytest 9 collects a folder given beside its own files in folder order)."""
+    if dry_run:
+        return DRY_CORRECTNESS
+    rest = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "tests").glob("test_*.py"))
+    return {"gpu": CORRECTNESS_FIRST + [t for t in rest if t not in CORRECTNESS_FIRST], "sample": CORRECTNESS_SAMPLE}
+
+
 def phase_correctness(args):
-    """The gpu-marked tests, then a sample of the CPU suite on CUDA; each part gets its share of the
-    phase's time so a slow first part cannot starve the second."""
+    """The gpu-marked tests, then a sample of the CPU suite on CUDA. The gpu part gets at most its
+    share of the phase's time, the sample whatever is left, so a slow first part cannot starve the
+    second; each run is stopped at its limit by SIGINT (counts kept) and then killed."""
     gpu_device(args.dry_run)
-    parts = DRY_CORRECTNESS if args.dry_run else {"gpu": ["tests"], "sample": CORRECTNESS_SAMPLE}
-    marks = {"gpu": "gpu", "sample": "not gpu and not sm90"}
+    parts = correctness_parts(args.dry_run)
     log = PhaseLog(args.out, "correctness")
-    share = {"gpu": 0.55, "sample": 0.45}
-    for name, targets in parts.items():
+    deadline = time.monotonic() + args.limit - PHASE_SLACK_S
+    for i, (name, targets) in enumerate(parts.items()):
         options, have = pytest_options(args.out, name, args.dry_run)
-        argv = [sys.executable, "-m", "pytest", *options, "-m", marks[name], *targets]
-        start = time.monotonic()
-        try:
-            done = subprocess.run(argv, cwd=REPO, timeout=max(10, share[name] * args.limit - 5),
-                                  capture_output=True, text=True)
-            status, tail = f"exit {done.returncode}", (done.stdout + done.stderr)[-3000:]
-        except subprocess.TimeoutExpired as e:
-            status, tail = "timeout", ((e.stdout or b"").decode(errors="replace"))[-3000:]
-        (Path(args.out) / f"pytest-{name}.log").write_text(tail)
-        print(tail)
+        argv = [sys.executable, "-m", "pytest", *options, "-m", CORRECTNESS_MARKS[name], *targets]
+        left = deadline - time.monotonic()
+        budget = left * CORRECTNESS_GPU_SHARE if i < len(parts) - 1 else left
+        log_path = Path(args.out) / f"pytest-{name}.log"
+        status, seconds = run_bounded(argv, args.out, log_path, max(1.0, budget - GRACE_S))
+        print(_log_tail(log_path, 3000))
         log.add({"part": name, "command": " ".join(argv[1:]), "status": status, "xdist": have["xdist"],
-                 "pytest_timeout": have["pytest_timeout"], "seconds": round(time.monotonic() - start, 1),
+                 "pytest_timeout": have["pytest_timeout"], "seconds": seconds,
                  "counts": junit_counts(Path(args.out) / f"junit-{name}.xml")})
     log.finish()
 
@@ -209,6 +327,7 @@ def phase_barrier(args):
 def phase_variants(args):
     """The large-H kernel under each variant of persistent.large_config, checked at T=64 against
     float64, then timed forward and fwd+bwd at T=1024, B ∈ {1, 16, 64}, H ∈ {1024, 2048}, bf16."""
+    import torch
     from benchmarks.measure import make_timer
     from benchmarks.providers import PROVIDERS, Shape, make_problem
     from benchmarks.sweep import TOLERANCE, float64_reference, time_mode, verify
@@ -220,15 +339,19 @@ def phase_variants(args):
                    large_config=hasattr(persistent, "large_config"))
     provider, timer = PROVIDERS["persistent"], make_timer(device, 50.0)
     generator = torch.Generator(device=device).manual_seed(0)
+    deadline, longest = time.monotonic() + args.limit - PHASE_SLACK_S, 0.0
     for B, H in shapes:
         shape = Shape("bf16", T, B, H, H)
         check = make_problem(shape, check_T, device, generator, "tanh", with_dy=True)
         reference = float64_reference(check, with_grad=True)
         problems = [make_problem(shape, T, device, generator, "tanh", with_dy=True)]
         for variant in VARIANTS:
-            row = {"B": B, "H": H, "variant": variant_name(variant)}
+            row, started = {"B": B, "H": H, "variant": variant_name(variant)}, time.monotonic()
             if args.dry_run:
                 log.add({**row, "status": SKIPPED})
+                continue
+            if started + longest > deadline:  # the row would not finish: say so, and end with the check
+                log.add({**row, "status": "not run: the phase's time is up"})
                 continue
             try:
                 with persistent.large_config(**variant):
@@ -242,6 +365,7 @@ def phase_variants(args):
                         row["status"] = "ok"
             except Exception as e:
                 row["status"] = f"error: {one_line(e)}"
+            longest = max(longest, time.monotonic() - started)
             log.add(row)
         del check, reference, problems
     log.finish()
@@ -253,40 +377,89 @@ def variant_name(variant):
 
 # ---- standard grid and the cuDNN anchor ------------------------------------------------------------
 
-def run_benchmarks(args, name, grid, providers, modes=None):
-    """python -m benchmarks into DIR/name, within the phase's time; returns its JSON row."""
-    argv = [sys.executable, "-m", "benchmarks", *grid, "--out", str(Path(args.out) / name),
+def run_benchmarks(args, log, name, grid, providers, modes=None, deadline=None):
+    """python -m benchmarks into DIR/name within the phase's time (through bench_main, which ends with
+    persistent.check_errors); its JSON row is added to the phase's log. Every POLL_S the targets are
+    evaluated from the rows the run has checkpointed so far and saved with the row, so a run cut at
+    its limit still says what it measured against the targets."""
+    argv = [sys.executable, "-c", BENCH_ENTRY, *grid, "--out", str(Path(args.out) / name),
             "--providers", *providers] + (["--modes", *modes] if modes else [])
-    start = time.monotonic()
+    row = {"command": "python -m benchmarks " + " ".join(argv[3:]), "status": "running"}
+    log.add(row)
+    results, seen = Path(args.out) / name / "results.json", [None]
+
+    def checkpoint():
+        stamp = results.stat().st_mtime_ns if results.exists() else None
+        progress = results_progress(results) if stamp not in (None, seen[0]) else None
+        if progress:  # else none yet, or caught mid-write: the next poll reads it again
+            seen[0] = stamp
+            row.update(progress)
+            log.save()
+
+    deadline = deadline or time.monotonic() + args.limit - PHASE_SLACK_S
+    status, seconds = run_bounded(argv, args.out, Path(args.out) / f"{name}.log",
+                                  max(1.0, deadline - time.monotonic() - GRACE_S), poll=checkpoint)
+    row.update(status=status, seconds=seconds)
+    log.save()
+    print(_log_tail(Path(args.out) / f"{name}.log", 4000))
+    return row
+
+
+BENCH_ENTRY = "import sys; from benchmarks.gpu_phases import bench_main; bench_main(sys.argv[1:])"
+
+
+def bench_main(argv):
+    """python -m benchmarks ARGV, then persistent.check_errors(wait=True) in the same process: a
+    barrier timeout of the run's last large-H call is reported, not lost with the process."""
+    from benchmarks import cli
+    status = cli.main(argv)
+    check = barrier_check()
+    print(f"persistent.check_errors(wait=True): {check}", flush=True)
+    sys.exit(1 if check.startswith("error") else status)
+
+
+def results_progress(path):
+    """What a (possibly checkpointed) results.json holds: rows, whether the run completed, and the
+    targets: the run's own when it wrote them (at its end), else evaluated here from the rows
+    checkpointed so far (on a GPU run; a CPU run's figures are no target figures), with the number
+    of shapes they cover."""
     try:
-        done = subprocess.run(argv, cwd=REPO, timeout=max(10, args.limit - 10), capture_output=True, text=True)
-        status, text = f"exit {done.returncode}", done.stdout + done.stderr
-    except subprocess.TimeoutExpired as e:
-        status, text = "timeout", (e.stdout or b"").decode(errors="replace")
-    (Path(args.out) / f"{name}.log").write_text(text)
-    print(text[-4000:])
-    return {"command": " ".join(argv[1:]), "status": status, "seconds": round(time.monotonic() - start, 1)}
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # none yet, or caught mid-write
+        return {}
+    rows, metadata = doc.get("rows", []), doc.get("metadata", {})
+    progress = {"rows": len(rows), "complete": bool(metadata.get("complete")), "targets": doc.get("targets"),
+                "targets_from": "the run's own evaluation"}
+    if not progress["targets"]:
+        from benchmarks.report import evaluate_targets, shape_of, targets_not_evaluated
+        progress.update(shapes=len({shape_of(r) for r in rows}), targets_from=f"{len(rows)} checkpointed rows",
+                        targets=evaluate_targets(rows) if metadata.get("gpu")
+                        else targets_not_evaluated("needs a GPU: this run is CPU-only"))
+    return progress
 
 
 def phase_standard(args):
-    """The --standard target grid, every provider but torch.compile (which recompiles per shape)."""
+    """The --standard target grid, every provider but torch.compile (which recompiles per shape),
+    B = 16, H = 1024 first; the targets are evaluated at every checkpoint."""
     gpu_device(args.dry_run)
-    grid = ["--quick", *DRY_SHAPE] if args.dry_run else ["--standard"]
+    grid = ["--quick", *DRY_SHAPE] if args.dry_run else ["--standard", *STANDARD_ORDER]
     log = PhaseLog(args.out, "standard")
-    log.add(run_benchmarks(args, "standard", grid, BENCH_PROVIDERS))
+    run_benchmarks(args, log, "standard", grid, BENCH_PROVIDERS)
     log.finish()
 
 
 def phase_cudnn(args):
     """cuDNN at its own best, nn.RNN in fp16 on the target grid (its PERSIST_STATIC path where
     eligible), and which backend nn.RNN really runs in bf16 and fp16."""
+    import torch
     device = gpu_device(args.dry_run)
+    deadline = time.monotonic() + args.limit - PHASE_SLACK_S
     log = PhaseLog(args.out, "cudnn")
     for dtype in (torch.bfloat16, torch.float16):
         log.add(nn_rnn_backend(device, dtype))
     grid = ["--quick", *DRY_SHAPE] if args.dry_run else CUDNN_GRID
-    log.add(run_benchmarks(args, "cudnn-fp16", [*grid, "--no-module-rows"], ["torch_rnn"],
-                           modes=["forward", "fwd_bwd"]))
+    run_benchmarks(args, log, "cudnn-fp16", [*grid, "--no-module-rows"], ["torch_rnn"],
+                   modes=["forward", "fwd_bwd"], deadline=deadline)
     log.finish()
 
 
@@ -294,6 +467,7 @@ def nn_rnn_backend(device, dtype, T=64, B=16, H=1024):
     """What nn.RNN ran: torch's own cuDNN test on the input, and the kernels a profiler saw in one
     forward+backward. cuDNN's RNN kernels carry 'RNN', 'rnn' or 'cudnn' in their names (persistent
     ones 'persist'); ATen's per-step loop shows only GEMMs and elementwise tanh kernels."""
+    import torch
     name = str(dtype).replace("torch.", "")
     if device.type != "cuda":  # the dry run: the same code on CPU's native kernel
         dtype, H, name = torch.float32, 16, f"{name} (float32 in the dry run)"
@@ -322,6 +496,74 @@ def nn_rnn_backend(device, dtype, T=64, B=16, H=1024):
     return row
 
 
+# ---- the RNN family ------------------------------------------------------------------------------
+
+def phase_family(args):
+    """The RNN family (issue 17) after the Elman phases: elman_triton.LSTM and GRU against nn.LSTM and
+    nn.GRU with the same weights at the anchor shape, checked against float64, then timed forward
+    and fwd+bwd. While the package has no LSTM the phase says "not available" and ends in seconds,
+    so the Elman phases keep their time. (The family's target grid belongs to python -m benchmarks
+    once it has LSTM and GRU providers.)"""
+    import elman_triton
+    device = gpu_device(args.dry_run)
+    cells = [cell for cell in FAMILY_CELLS if hasattr(elman_triton, cell)]
+    shape, dtype = (DRY_FAMILY_SHAPE, "fp32") if args.dry_run else (FAMILY_SHAPE, "bf16")
+    log = PhaseLog(args.out, "family", cells=cells, dtype=dtype, **shape)
+    if "LSTM" not in cells:
+        print("family: not available (elman_triton has no LSTM yet): skipped")
+        log.add({"status": "not available: elman_triton has no LSTM yet"})
+        log.finish()
+        return
+    import torch
+    from benchmarks.measure import make_timer
+    from benchmarks.providers import DTYPES
+    from benchmarks.sweep import TOLERANCE, rel_err
+    T, B, H = shape["T"], shape["B"], shape["H"]
+    timer = make_timer(device, 5.0 if args.dry_run else 100.0)
+    deadline, longest = time.monotonic() + args.limit - PHASE_SLACK_S, 0.0
+    for cell in cells:
+        row, started = {"cell": cell}, time.monotonic()
+        if started + longest > deadline:
+            log.add({**row, "status": "not run: the phase's time is up"})
+            continue
+        try:
+            ours = getattr(elman_triton, cell)(H, H, device=device, dtype=DTYPES[dtype])
+            theirs = getattr(torch.nn, cell)(H, H, device=device, dtype=DTYPES[dtype])
+            theirs.load_state_dict(ours.state_dict())
+            x = torch.randn(T, B, H, device=device, dtype=DTYPES[dtype], requires_grad=True)
+            with torch.no_grad():
+                reference = getattr(torch.nn, cell)(H, H, device=device, dtype=torch.float64)
+                reference.load_state_dict(ours.state_dict())  # load_state_dict copies into float64
+                row["err_ours"] = rel_err(ours(x)[0], reference(x.double())[0])
+            if not row["err_ours"] <= TOLERANCE[dtype]:
+                row["status"] = f"failed: relative error {row['err_ours']:.3g} > {TOLERANCE[dtype]:g}"
+            else:
+                for name, module in (("ours", ours), ("nn", theirs)):
+                    row.update(time_module(name, module, x, timer))
+                row["status"] = "ok"
+        except Exception as e:
+            row["status"] = f"error: {one_line(e)}"
+        longest = max(longest, time.monotonic() - started)
+        log.add(row)
+    log.finish()
+
+
+def time_module(name, module, x, timer):
+    """{name_forward_ms, name_fwd_bwd_ms} of an RNN module on x, or name_error (nn.LSTM in bf16 may
+    not run at all: pytorch #88136)."""
+    import torch
+    grads = [x, *module.parameters()]
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+    try:
+        return {f"{name}_forward_ms": timer(forward, []).median_ms,
+                f"{name}_fwd_bwd_ms": timer(lambda: module(x)[0].sum().backward(), grads).median_ms}
+    except Exception as e:
+        return {f"{name}_error": one_line(e)}
+
+
 # ---- summary --------------------------------------------------------------------------------------
 
 def phase_summary(args):
@@ -341,16 +583,37 @@ def summary_lines(out, docs):
     for phase, code, seconds in _phase_table(out):
         lines.append(f"| {phase} | {code} | {seconds} | {_phase_result(phase, docs.get(phase))} |")
     lines += ["", "Targets (standard grid, `auto` against nn.RNN and the eager loop):", ""]
-    targets = _targets(out / "standard" / "results.json")
-    lines += [f"- [{t['result']}] {t['target']}: {t['measured']} (target {t['threshold']})" for t in targets] or \
-        ["- none: the standard phase wrote no results.json"]
+    progress = results_progress(out / "standard" / "results.json")
+    if progress and not progress["complete"]:
+        lines += [f"- the standard run was cut short: {progress.get('shapes', '?')} shapes ({progress['rows']} rows) "
+                  f"measured; targets from its {progress['targets_from']}", ""]
+    lines += [f"- [{t['result']}] {t['target']}: {t['measured']} (target {t['threshold']})"
+              for t in progress.get("targets", [])] or ["- none: the standard phase wrote no results.json"]
     lines += ["", "Variant winners (fastest verified variant per shape and mode):", ""]
     lines += variant_winners(docs.get("variants", {}).get("rows", [])) or ["- none measured"]
     lines += ["", "Barrier (µs per barrier):", ""] + barrier_table(docs.get("barrier", {}).get("rows", []))
     lines += ["", "nn.RNN's backend:", ""]
     lines += [f"- {r['dtype']}: {r['backend']} (cudnn.is_acceptable={r['cudnn_is_acceptable']})"
               for r in docs.get("cudnn", {}).get("rows", []) if "backend" in r] or ["- not recorded"]
+    lines += ["", "LSTM / GRU against nn.LSTM / nn.GRU (ms):", ""] + family_lines(docs.get("family", {}))
+    lines += ["", "Barrier timeouts reported by persistent.check_errors(wait=True) at each phase's end:", ""]
+    lines += [f"- {phase}: {doc['check_errors']}" for phase, doc in docs.items() if "check_errors" in doc] or \
+        ["- no phase finished"]
     return lines
+
+
+def family_lines(doc):
+    lines = []
+    for r in doc.get("rows", []):
+        if "cell" not in r:
+            lines.append(f"- {r['status']}")
+            continue
+        times = ", ".join(f"{k.removesuffix('_ms').replace('_', ' ', 1)} {v:.3g}" for k, v in r.items()
+                          if k.endswith("_ms"))
+        errors = "; ".join(f"{k.removesuffix('_error')}: {v}" for k, v in r.items() if k.endswith("_error"))
+        lines.append(f"- {r['cell']} T={doc.get('T')} B={doc.get('B')} H={doc.get('H')} {doc.get('dtype')}: "
+                     + ", ".join(x for x in (r["status"], times, errors) if x))
+    return lines or ["- not run"]
 
 
 def _phase_table(out):
@@ -377,17 +640,10 @@ def _phase_result(phase, doc):
         return "; ".join(parts) + incomplete
     if phase in ("standard", "cudnn"):
         runs = [r for r in rows if "command" in r]
-        return ", ".join(r["status"] for r in runs) + incomplete
+        return ", ".join(r["status"] + (f" ({r['shapes']} shapes)" if "shapes" in r else "") for r in runs) + incomplete
     statuses = [str(r.get("status", "")).split(":")[0] for r in rows]
     counts = {s: statuses.count(s) for s in dict.fromkeys(statuses)}
     return ", ".join(f"{n} {s}" for s, n in counts.items()) + incomplete
-
-
-def _targets(path):
-    try:
-        return json.loads(path.read_text()).get("targets", [])
-    except (OSError, ValueError):
-        return []
 
 
 def variant_winners(rows):
@@ -418,7 +674,8 @@ def barrier_table(rows):
 
 
 PHASES = {"environment": phase_environment, "correctness": phase_correctness, "barrier": phase_barrier,
-          "variants": phase_variants, "standard": phase_standard, "cudnn": phase_cudnn, "summary": phase_summary}
+          "variants": phase_variants, "standard": phase_standard, "cudnn": phase_cudnn, "family": phase_family,
+          "summary": phase_summary}
 
 
 def main(argv=None):
@@ -429,6 +686,8 @@ def main(argv=None):
     parser.add_argument("--dry-run", action="store_true", help="rehearse on CPU at tiny sizes")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    # The shell's `timeout` sends SIGTERM: exit through the finally blocks that kill child groups.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     with contextlib.suppress(BrokenPipeError):
         PHASES[args.phase](args)
 
