@@ -14,7 +14,8 @@ import torch
 
 from elman_triton.config import (INTERPRETED, accumulator_dtype, cdiv, direct_launcher, next_power_of_2,
                                  on_device)
-from elman_triton.kernels.stepwise import elman_step_bwd_kernel, elman_step_fwd_kernel
+from elman_triton.kernels.stepwise import (elman_step_bwd_kernel, elman_step_fwd_kernel, rnn_step_bwd_kernel,
+                                           rnn_step_fwd_kernel)
 
 NUM_WARPS = 8  # 4 spills at BB=64 (ptxas, sm_90a; tests/test_compile_sm90.py)
 
@@ -45,41 +46,44 @@ def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
     gets each row's last state. xp, y: sequence buffers (y may be xp); h0: (dirs, B, Hp) and weight_hh
     (dirs, H, Hp), rows padded like y's (zeros past H); bias: (dirs, H) contiguous or None; lengths: (B,)
     or None."""
-    cell_forward_recurrence(1, xp, y, y, y, h0, h0, weight_hh, bias, h_n, h_n, lengths, opts, layout)
+    lay = layout
+    lay.check(xp, "xp")
+    lay.check(y, "y")
+    head = (xp, y, h0, weight_hh, bias if bias is not None else xp, h_n, lengths)
+    tail = (lay.T, lay.B, lay.H, *lay.seq_strides, h0.stride(0), h0.stride(1), *weight_hh.stride())
+    _run_steps(elman_step_fwd_kernel, lay, "fwd", [head], tail, bias is not None, opts, None, y)
 
 
 def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
     """Elman BPTT through the recurrence. Fills dz (y's layout) and returns ∂L/∂h0 (dirs, B, H) in the
     accumulator dtype. dy: y's shape, any strides (autograd hands over expanded zeros, for example);
     dh_n: (dirs, B, H), any strides."""
-    return cell_backward_recurrence(1, dy, dh_n, None, y, y, y, y, y, weight_hh, dz, lengths, opts, layout)[0]
+    lay = layout
+    lay.check(dz, "dz")
+    dh_a, dh_b = _carries(dh_n, lay, y)
+    heads = [(dy, src, y, weight_hh, dz, dst, lengths) for src, dst in ((dh_a, dh_b), (dh_b, dh_a))]
+    tail = (lay.T, lay.B, lay.H, *lay.dy_strides(dy), *lay.seq_strides, dh_a.stride(0), dh_a.stride(1),
+            *weight_hh.stride())
+    _run_steps(elman_step_bwd_kernel, lay, "bwd", heads, tail, None, opts, None, y)
+    return (dh_a if lay.T % 2 == 0 else dh_b)[..., :lay.H]
 
 
 def cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, weight_hh, bias, h_n, c_n, lengths, opts, layout):
-    """The forward of a G-gate cell. xp: (T, B, dirs·G·Hp) gate pre-activations x W_ihᵀ (batch-first:
-    (B, T, ·)), gate g of direction d in columns (d·G + g)·Hp …; gates: xp's shape and strides (may be
-    xp), gets the activated gates (G > 1); y: sequence buffer; aux: y's shape and strides in the
-    accumulator dtype, gets LSTM's c_t / GRU's ĥ_t (G > 1); h0, c0: (dirs, B, Hp) with the same
-    strides, rows padded; weight_hh (dirs, G·H, Hp); bias: (dirs, S, H) contiguous in the accumulator
-    dtype (see kernels/stepwise.py) or None; h_n, c_n: (dirs, B, H) contiguous. Elman passes y for
-    gates and aux, h0 for c0, h_n for c_n (unused)."""
+    """The forward of a G-gate cell (GRU, LSTM). xp: (T, B, dirs·G·Hp) gate pre-activations x W_ihᵀ
+    (batch-first: (B, T, ·)), gate g of direction d in columns (d·G + g)·Hp …; gates: xp's shape and
+    strides (may be xp), gets the activated gates; y: sequence buffer; aux: y's shape and strides in
+    the accumulator dtype, gets LSTM's c_t / GRU's ĥ_t; h0, c0: (dirs, B, Hp) with the same strides,
+    rows padded; weight_hh (dirs, G·H, Hp); bias: (dirs, S, H) contiguous in the accumulator dtype (see
+    kernels/stepwise.py) or None; h_n, c_n: (dirs, B, H) contiguous (c_n: any tensor for GRU)."""
     lay = layout
     lay.check(y, "y")
     _check_gates(xp, lay, G, "xp")
     _check_gates(gates, lay, G, "gates")
     assert h0.stride() == c0.stride(), "h0 and c0 share strides"
-    BB, BN, BK = block_sizes(lay.B, lay.H)
-    grid = (cdiv(lay.B, BB), cdiv(lay.H, BN), lay.dirs)
     head = (xp, y, gates, aux, h0, c0, weight_hh, bias if bias is not None else xp, h_n, c_n, lengths)
     tail = (lay.T, lay.B, lay.H, *_tb_strides(xp, lay), *lay.seq_strides, h0.stride(0), h0.stride(1),
             *weight_hh.stride())
-    meta = dict(HAS_BIAS=bias is not None, HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT,
-                FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST,
-                BB=BB, BN=BN, BK=BK, CELL=G, num_warps=NUM_WARPS)
-    with on_device(y):
-        launch = direct_launcher(elman_step_fwd_kernel, grid, (*head, 0, *tail), meta)
-        for s in range(lay.T):
-            launch(*head, s, *tail)
+    _run_steps(rnn_step_fwd_kernel, lay, "fwd", [head], tail, bias is not None, opts, G, y)
 
 
 def cell_backward_recurrence(G, dy, dh_n, dc_n, y, h0, gates, aux, c0, weight_hh, dz, lengths, opts, layout):
@@ -93,23 +97,31 @@ def cell_backward_recurrence(G, dy, dh_n, dc_n, y, h0, gates, aux, c0, weight_hh
     _check_gates(gates, lay, G, "gates")
     _check_gates(dz, lay, gate_slots(G), "dz")
     dh_a, dh_b = _carries(dh_n, lay, y)
-    dc_a, dc_b = _carries(dc_n, lay, y) if G == 4 else (dh_a, dh_b)  # Elman, GRU: no dc (never read)
-    BB, BN, BK = block_sizes(lay.B, lay.H)
-    grid = (cdiv(lay.B, BB), cdiv(lay.H, BK), lay.dirs)
-    meta = dict(HAS_LENGTHS=lengths is not None, REVERSE=lay.reverse, ACT=opts.ACT, PRECISION=opts.PRECISION,
-                UPCAST=opts.UPCAST, BB=BB, BN=BN, BK=BK, CELL=G, num_warps=NUM_WARPS)
-
-    # The carries swap roles every step: the two argument heads are built once.
+    dc_a, dc_b = _carries(dc_n, lay, y) if G == 4 else (dh_a, dh_b)  # GRU: no dc (never read or written)
     heads = [(dy, dh_src, dc_src, y, h0, gates, aux, c0, weight_hh, dz, dh_dst, dc_dst, lengths)
              for dh_src, dh_dst, dc_src, dc_dst in ((dh_a, dh_b, dc_a, dc_b), (dh_b, dh_a, dc_b, dc_a))]
     tail = (lay.T, lay.B, lay.H, *lay.dy_strides(dy), *lay.seq_strides, *_tb_strides(gates, lay),
             *_tb_strides(dz, lay), h0.stride(0), h0.stride(1), dh_a.stride(0), dh_a.stride(1), *weight_hh.stride())
-    with on_device(y):
-        launch = direct_launcher(elman_step_bwd_kernel, grid, (*heads[0], 0, *tail), meta)
-        for s in range(lay.T):
-            launch(*heads[s % 2], s, *tail)
+    _run_steps(rnn_step_bwd_kernel, lay, "bwd", heads, tail, None, opts, G, y)
     dh0, dc0 = (dh_a, dc_a) if lay.T % 2 == 0 else (dh_b, dc_b)
     return dh0[..., :lay.H], (dc0[..., :lay.H] if G == 4 else None)
+
+
+def _run_steps(kernel, lay, direction, heads, tail, has_bias, opts, G, y):
+    """T launches of a step kernel, step s with heads[s % len(heads)] (the backward's carries swap roles
+    every step). G: the cell's CELL constexpr, None for the Elman entries (which fix it)."""
+    BB, BN, BK = block_sizes(lay.B, lay.H)
+    grid = (cdiv(lay.B, BB), cdiv(lay.H, BN if direction == "fwd" else BK), lay.dirs)
+    meta = dict(HAS_LENGTHS=heads[0][-1] is not None, REVERSE=lay.reverse, ACT=opts.ACT, PRECISION=opts.PRECISION,
+                UPCAST=opts.UPCAST, BB=BB, BN=BN, BK=BK, num_warps=NUM_WARPS)
+    if direction == "fwd":
+        meta.update(HAS_BIAS=has_bias, FAST_TANH=opts.FAST_TANH)
+    if G is not None:
+        meta["CELL"] = G
+    with on_device(y):
+        launch = direct_launcher(kernel, grid, (*heads[0], 0, *tail), meta)
+        for s in range(lay.T):
+            launch(*heads[s % len(heads)], s, *tail)
 
 
 def _carries(grad, lay, y):

@@ -55,18 +55,56 @@ from .common import is_last_step, matmul, previous_step, row_lengths, step_index
 
 @triton.jit(do_not_specialize=["s", "T"])
 def elman_step_fwd_kernel(
+    p_xp, p_y, p_h0, p_w, p_bias, p_hn, p_len,
+    s, T, B, H,
+    stride_y_t, stride_y_b, stride_y_d,
+    stride_h0_d, stride_h0_b,
+    stride_w_d, stride_w_n, stride_w_k,
+    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    ACT: tl.constexpr, FAST_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """The Elman cell's entry (CELL = 1): y written over Xp (same strides), nothing else saved, so the
+    gate, aux and c pointers are y's and h0's (never read or written)."""
+    step_fwd(p_xp, p_y, p_y, p_y, p_h0, p_h0, p_w, p_bias, p_hn, p_hn, p_len, s, T, B, H,
+             stride_y_t, stride_y_b, stride_y_t, stride_y_b, stride_y_d, stride_h0_d, stride_h0_b,
+             stride_w_d, stride_w_n, stride_w_k, 1, HAS_BIAS, HAS_LENGTHS, REVERSE, ACT, FAST_TANH, PRECISION,
+             UPCAST, BB, BN, BK)
+
+
+@triton.jit(do_not_specialize=["s", "T"])
+def rnn_step_fwd_kernel(
     p_xp, p_y, p_gates, p_aux, p_h0, p_c0, p_w, p_bias, p_hn, p_cn, p_len,
     s, T, B, H,
     stride_x_t, stride_x_b,
     stride_y_t, stride_y_b, stride_y_d,
     stride_h0_d, stride_h0_b,
     stride_w_d, stride_w_n, stride_w_k,
-    HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
     ACT: tl.constexpr, FAST_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CELL: tl.constexpr = 1,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """h0 (and c0, with h0's strides) come in rows padded like y's; Xp and gates share strides, as y and
-    aux do. Unused pointers (Elman's gates, aux, c0, c_n) may be any tensor."""
+    """Any cell's entry (GRU, LSTM). h0 (and c0, with h0's strides) come in rows padded like y's; Xp and
+    gates share strides, as y and aux do."""
+    step_fwd(p_xp, p_y, p_gates, p_aux, p_h0, p_c0, p_w, p_bias, p_hn, p_cn, p_len, s, T, B, H,
+             stride_x_t, stride_x_b, stride_y_t, stride_y_b, stride_y_d, stride_h0_d, stride_h0_b,
+             stride_w_d, stride_w_n, stride_w_k, CELL, HAS_BIAS, HAS_LENGTHS, REVERSE, ACT, FAST_TANH, PRECISION,
+             UPCAST, BB, BN, BK)
+
+
+@triton.jit
+def step_fwd(
+    p_xp, p_y, p_gates, p_aux, p_h0, p_c0, p_w, p_bias, p_hn, p_cn, p_len,
+    s, T, B, H,
+    stride_x_t, stride_x_b,
+    stride_y_t, stride_y_b, stride_y_d,
+    stride_h0_d, stride_h0_b,
+    stride_w_d, stride_w_n, stride_w_k,
+    CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    ACT: tl.constexpr, FAST_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One forward step of the program (i, j, d), for the cell CELL (the body of both entries)."""
     G: tl.constexpr = CELL
     S: tl.constexpr = G + (G == 3)  # bias slots: GRU's n gate has two
     Hp = stride_y_d  # the padded row: every gate and direction block starts at a multiple of it
@@ -161,6 +199,26 @@ def _w_tile(p_w, o_r, o_c, m_r, m_c, stride_r, stride_c):
 
 @triton.jit(do_not_specialize=["s", "T"])
 def elman_step_bwd_kernel(
+    p_dy, p_dh_next, p_y, p_w, p_dz, p_dh, p_len,
+    s, T, B, H,
+    stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h,
+    stride_y_t, stride_y_b, stride_y_d,
+    stride_dh_d, stride_dh_b,
+    stride_w_d, stride_w_n, stride_w_k,
+    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """The Elman cell's entry (CELL = 1): the backward reads only y (its own gates) and dz shares y's
+    layout, so the gate, aux, h0, c0 and dc pointers are y's and dh's (never read or written)."""
+    step_bwd(p_dy, p_dh_next, p_dh_next, p_y, p_y, p_y, p_y, p_y, p_w, p_dz, p_dh, p_dh, p_len, s, T, B, H,
+             stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h, stride_y_t, stride_y_b, stride_y_d,
+             stride_y_t, stride_y_b, stride_y_t, stride_y_b, stride_dh_d, stride_dh_b, stride_dh_d, stride_dh_b,
+             stride_w_d, stride_w_n, stride_w_k, 1, HAS_LENGTHS, REVERSE, ACT, PRECISION, UPCAST, BB, BN, BK)
+
+
+@triton.jit(do_not_specialize=["s", "T"])
+def rnn_step_bwd_kernel(
     p_dy, p_dh_next, p_dc_next, p_y, p_h0, p_gates, p_aux, p_c0, p_w, p_dz, p_dh, p_dc, p_len,
     s, T, B, H,
     stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h,
@@ -170,12 +228,34 @@ def elman_step_bwd_kernel(
     stride_h0_d, stride_h0_b,
     stride_dh_d, stride_dh_b,
     stride_w_d, stride_w_n, stride_w_k,
-    HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    CELL: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
     ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CELL: tl.constexpr = 1,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """dh_next / dh (and dc_next / dc) are the (dirs, B, ·) fp32 (fp64) carry buffers; dz has S slots per
-    direction (strides stride_z_*), the gates Xp's layout (stride_x_*). Elman passes y as its gates."""
+    """Any cell's entry (GRU, LSTM). dh_next / dh (and dc_next / dc) are the (dirs, B, ·) fp32 (fp64) carry
+    buffers; dz has S slots per direction (strides stride_z_*), the gates Xp's layout (stride_x_*)."""
+    step_bwd(p_dy, p_dh_next, p_dc_next, p_y, p_h0, p_gates, p_aux, p_c0, p_w, p_dz, p_dh, p_dc, p_len, s, T, B, H,
+             stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h, stride_y_t, stride_y_b, stride_y_d,
+             stride_x_t, stride_x_b, stride_z_t, stride_z_b, stride_h0_d, stride_h0_b, stride_dh_d, stride_dh_b,
+             stride_w_d, stride_w_n, stride_w_k, CELL, HAS_LENGTHS, REVERSE, ACT, PRECISION, UPCAST, BB, BN, BK)
+
+
+@triton.jit
+def step_bwd(
+    p_dy, p_dh_next, p_dc_next, p_y, p_h0, p_gates, p_aux, p_c0, p_w, p_dz, p_dh, p_dc, p_len,
+    s, T, B, H,
+    stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h,
+    stride_y_t, stride_y_b, stride_y_d,
+    stride_x_t, stride_x_b,
+    stride_z_t, stride_z_b,
+    stride_h0_d, stride_h0_b,
+    stride_dh_d, stride_dh_b,
+    stride_w_d, stride_w_n, stride_w_k,
+    CELL: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
+    ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """One backward step of the program (i, j, d), for the cell CELL (the body of both entries)."""
     G: tl.constexpr = CELL
     S: tl.constexpr = G + (G == 3)
     Hp = stride_y_d
