@@ -84,7 +84,11 @@ class ElmanRNN(nn.RNNBase):
         """Same contract as torch.nn.RNN.forward: (output, h_n); PackedSequence in, PackedSequence out."""
         if self.state_grad_norms_hook is not None and torch.compiler.is_compiling():
             return _forward_eagerly(self, input, hx)  # recording: see the hook in the module docstring
-        self._update_flat_weights()  # as nn.RNN: check_input reads the weights' dtype from _flat_weights
+        # As nn.RNN: check_input reads the weights' dtype from _flat_weights. Not under torch.export, which
+        # warns of tensor attributes assigned during export; the list RNNBase keeps current on .to()
+        # and load_state_dict serves the dtype check there.
+        if not torch.compiler.is_exporting():
+            self._update_flat_weights()
         num_directions = 2 if self.bidirectional else 1
         batch = None
         # The argument handling below mirrors nn.RNN.forward step for step, so errors match.

@@ -29,6 +29,7 @@ Two entry points share the code: _Recurrence (an autograd.Function) eagerly, and
 torch.ops.elman_triton.recurrence / .recurrence_backward under torch.compile.
 """
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -99,6 +100,13 @@ def run_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, 
               reverse=False, lengths=None, batch_first=False, state_grad_norms=None, lengths_are_valid=False):
     """elman_rnn_layer, for callers that built lengths themselves (ElmanRNN, from a PackedSequence):
     with lengths_are_valid=True their values are not read back (no synchronisation per layer)."""
+    if torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None:
+        # torch.func under torch.compile: Dynamo hands a custom op torch.func's wrapped tensors, and a
+        # custom op's autograd has no torch.func support (pytorch #168393, #179652), so the layer runs
+        # eagerly (a graph break), where the autograd.Functions below carry the transforms.
+        return _run_layer_eagerly(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity=nonlinearity,
+                                  backend=backend, reverse=reverse, lengths=lengths, batch_first=batch_first,
+                                  state_grad_norms=state_grad_norms, lengths_are_valid=lengths_are_valid)
     dirs = len(weights_hh)
     T, B = _check_inputs(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, backend, batch_first)
     H = weights_hh[0].shape[0]
@@ -111,13 +119,20 @@ def run_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, 
         backend = "reference"
     if backend == "auto" and x.device.type != "cuda":
         # PyTorch's native kernel, except where it cannot serve: it exposes no per-step gradients, has no
-        # reverse-only layer for variable lengths, and takes those as a PackedSequence, whose packing
-        # torch.compile does not trace.
-        native = state_grad_norms is None and (lengths is None or not (reverse or torch.compiler.is_compiling()))
+        # reverse-only layer for variable lengths, takes those as a PackedSequence, whose packing
+        # torch.compile does not trace, and has no vmap rule (aten::rnn_tanh, nor its backward) nor
+        # forward-mode AD for packing: under eager torch.func transforms (where jacrev, say, vmaps the
+        # backward of a forward it has already run) and forward-mode AD the reference loop runs, whose
+        # every op they transform. Under torch.compile it is a custom op with these rules (_native_op).
+        compiling = torch.compiler.is_compiling()
+        native = (state_grad_norms is None and (lengths is None or not (reverse or compiling))
+                  and (compiling or not _transformed()))
         backend = "native" if native else "reference"
     if backend == "reference":
         return _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                                 batch_first, state_grad_norms)
+    if backend == "native" and torch.compiler.is_compiling():  # lengths is None here
+        return _native_op(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, batch_first)
     if backend == "native":
         return _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                              batch_first)
@@ -144,10 +159,19 @@ def run_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, 
     if torch.compiler.is_compiling():
         y, h_n = torch.ops.elman_triton.recurrence(*args)
     else:
-        y, h_n = _Recurrence.apply(*args)
+        y, h_n = _Recurrence.apply(*args, not _transformed())
     if Hp != H:  # drop the padding columns: nn.RNN's contiguous (·, ·, dirs·H) output, one copy
         y = y.unflatten(2, (dirs, Hp))[..., :H].contiguous().flatten(2)
     return y, h_n
+
+
+_run_layer_eagerly = torch.compiler.disable(run_layer)
+
+
+def _transformed():
+    """Whether a torch.func transform or a forward-AD level is active (then _Recurrence cannot write y
+    over its input)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
 
 
 def check_lengths(lengths, T, B, device, values=True):
@@ -162,9 +186,17 @@ def check_lengths(lengths, T, B, device, values=True):
     if lengths.device != device:
         raise ValueError(f"lengths is on {lengths.device} but x is on {device}; put them on one device")
     if values and B and not torch.compiler.is_compiling():
-        low, high = lengths.min().item(), lengths.max().item()
+        values = _unwrapped(lengths)  # under torch.func: every model's lengths at once
+        low, high = values.min().item(), values.max().item()
         if low < 1 or high > T:
             raise ValueError(f"every length must be in [1, T] = [1, {T}], got values from {low} to {high}")
+
+
+def _unwrapped(t):
+    """The plain tensor under torch.func's wrappers (a vmapped tensor: all of its values)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _stack(tensors):
@@ -181,6 +213,10 @@ def _recurrence(backend, layout, dtype, device, opts):
     return TRITON_BACKENDS[backend]
 
 
+# The launchers run eagerly even when reached from code torch.compile is running (after a graph break,
+# as under torch.func): Dynamo must not trace into a launch (under TRITON_INTERPRET=1, into the
+# interpreter). Costs under a microsecond per call.
+@torch.compiler.disable
 def _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first, backend):
     """Run the recurrence from xp into y (y may be xp); returns h_n (dirs, B, H)."""
     dirs, _, H = w_hh.shape
@@ -192,6 +228,7 @@ def _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first,
     return h_n
 
 
+@torch.compiler.disable
 def _backward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, backend):
     """(dz, dh0): dz in y's layout, dh0 (dirs, B, H) in the accumulator dtype."""
     dirs, _, H = w_hh.shape
@@ -216,24 +253,29 @@ def _padded_rows(t, Hp):
 def _save(ctx, inputs, y):
     _, h0, w_hh, bias, lengths, norms, nonlinearity, reverse, batch_first, backend = inputs
     ctx.save_for_backward(h0, w_hh, y, lengths)
+    ctx.save_for_forward(h0, w_hh, y, lengths)  # the tangent (jvp) reads the same
     ctx.has_bias, ctx.norms = bias is not None, norms  # norms: an output buffer the backward writes
     ctx.nonlinearity, ctx.reverse, ctx.batch_first, ctx.backend = nonlinearity, reverse, batch_first, backend
 
 
+def _shape_layout(buf, H, dirs, batch_first, reverse):
+    """The Layout of a sequence buffer from its shape alone: for the PyTorch code around the kernels,
+    which may see the batched tensors of torch.func (whose strides are not the kernels' business)."""
+    T, B = (buf.shape[1], buf.shape[0]) if batch_first else buf.shape[:2]
+    return Layout(T, B, H, dirs, 0, 0, batch_first, reverse)
+
+
 def _gradients(ctx, dy, dh_n, backward):
-    """Gradients of (xp, h0, w_hh, bias): the reverse loop (backward) writes dz = ∂L/∂xp, then
-    dW_hh = Σ_t dz_tᵀ h_{t∓1} and db = Σ_t dz_t are GEMMs and a reduction, in plain torch (so
-    torch.compile sees them). If the backward is itself being differentiated, it runs as a
-    differentiable loop instead."""
+    """Gradients of (xp, h0, w_hh, bias): the reverse loop (backward: _RecurrenceBackward.apply, or its
+    custom op under torch.compile) writes dz = ∂L/∂xp, then dW_hh = Σ_t dz_tᵀ h_{t∓1} and db = Σ_t dz_t
+    are GEMMs and a reduction, in plain torch (so torch.compile and torch.func see them: under vmap
+    they stay per sample)."""
     h0, w_hh, y, lengths = ctx.saved_tensors
     dirs, _, H = w_hh.shape
-    lay = Layout.of(y, H, dirs, ctx.batch_first, ctx.reverse)
+    lay = _shape_layout(y, H, dirs, ctx.batch_first, ctx.reverse)
     dy = torch.zeros_like(y) if dy is None else dy
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
-    if torch.is_grad_enabled():
-        dz, dh0 = _differentiable_backward(dy, dh_n, y, w_hh, lengths, ctx.nonlinearity, lay)
-    else:
-        dz, dh0 = backward(dy, dh_n, y, w_hh, lengths, ctx.nonlinearity, ctx.reverse, ctx.batch_first, ctx.backend)
+    dz, dh0 = backward(dy, dh_n, y, w_hh, lengths, ctx.nonlinearity, ctx.reverse, ctx.batch_first, ctx.backend)
     if ctx.norms is not None:
         for d in range(dirs):
             state_gradient_norms(_time_major(dy, lay, d), _time_major(dz, lay, d), dh_n[d], w_hh[d],
@@ -245,26 +287,148 @@ def _gradients(ctx, dy, dh_n, backward):
     return dz, dh0.to(y.dtype) if need[1] else None, dw_hh, db, None, None, None, None, None, None
 
 
+def _tangents(ctx, dxp, dh0, dw_hh, dbias):
+    """Forward mode (jvp): the tangents of (y, h_n), by _tangent_loop over the saved y."""
+    h0, w_hh, y, lengths = ctx.saved_tensors
+    lay = _shape_layout(y, w_hh.shape[2], w_hh.shape[0], ctx.batch_first, ctx.reverse)
+    return _tangent_loop(dxp, dh0, dw_hh, dbias, y, h0, w_hh, lengths, ctx.nonlinearity, lay)
+
+
 class _Recurrence(torch.autograd.Function):
-    """The eager path: the recurrence writes y over xp (mark_dirty), the least Python between the call
-    and the kernels."""
+    """The eager path. Outside torch.func transforms and forward-mode AD (inplace=True) the recurrence
+    writes y over xp (mark_dirty), the least memory and Python between the call and the kernels; under
+    them (inplace=False) y is a buffer of its own, as functorch requires of an autograd.Function.
+    backward, jvp and vmap make it compose with torch.autograd, torch.autograd.forward_ad and torch.func."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        xp, h0, w_hh, bias, lengths, _, nonlinearity, reverse, batch_first, backend = inputs
-        ctx.mark_dirty(xp)
-        h_n = _forward(xp, xp, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first, backend)
-        _save(ctx, inputs, xp)
-        return xp, h_n
+    def forward(xp, h0, w_hh, bias, lengths, norms, nonlinearity, reverse, batch_first, backend, inplace):
+        y = xp if inplace else torch.empty_like(xp)
+        return y, _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        if inputs[-1]:
+            ctx.mark_dirty(inputs[0])
+        _save(ctx, inputs[:-1], output[0])
 
     @staticmethod
     def backward(ctx, dy, dh_n):
-        return _gradients(ctx, dy, dh_n, _backward)
+        return *_gradients(ctx, dy, dh_n, _RecurrenceBackward.apply), None
+
+    @staticmethod
+    def jvp(ctx, dxp, dh0, dw_hh, dbias, *_):
+        return _tangents(ctx, dxp, dh0, dw_hh, dbias)
+
+    @staticmethod
+    def vmap(info, in_dims, *inputs):
+        return _vmap_recurrence(lambda *args: _Recurrence.apply(*args, False), info, in_dims[:-1], inputs[:-1])
+
+
+class _RecurrenceBackward(torch.autograd.Function):
+    """The kernels' reverse loop, (dy, dh_n, y, w_hh) -> (dz, dh0), as a function that torch.autograd
+    and torch.func can differentiate again (double backward, forward-over-reverse): its own derivatives
+    are those of _differentiable_backward, the same maths as a PyTorch loop, recomputed from the saved
+    inputs only when asked for."""
+
+    @staticmethod
+    def forward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, backend):
+        return _backward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save_backward(ctx, inputs)
+
+    @staticmethod
+    def backward(ctx, g_dz, g_dh0):
+        return _backward_vjp(ctx, g_dz, g_dh0)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        return _backward_jvp(ctx, tangents[:4])
+
+    @staticmethod
+    def vmap(info, in_dims, *inputs):
+        return _vmap_recurrence(_RecurrenceBackward.apply, info, in_dims, inputs, backward=True)
+
+
+def _save_backward(ctx, inputs):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.save_for_forward(*inputs[:5])
+    ctx.options = inputs[5:]
+
+
+def _loop_backward(ctx):
+    """The saved (dy, dh_n, y, w_hh) and _differentiable_backward as a function of them."""
+    dy, dh_n, y, w_hh, lengths = ctx.saved_tensors
+    nonlinearity, reverse, batch_first, _ = ctx.options
+    lay = _shape_layout(y, w_hh.shape[2], w_hh.shape[0], batch_first, reverse)
+    return (dy, dh_n, y, w_hh), lambda *p: _differentiable_backward(*p, lengths, nonlinearity, lay)
+
+
+def _backward_vjp(ctx, g_dz, g_dh0):
+    primals, loop = _loop_backward(ctx)
+    _, pullback = torch.func.vjp(loop, *primals)
+    return *pullback((g_dz, g_dh0)), None, None, None, None, None
+
+
+def _backward_jvp(ctx, tangents):
+    primals, loop = _loop_backward(ctx)
+    tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
+    return torch.func.jvp(loop, primals, tuple(tangents))[1]
+
+
+def _vmap_recurrence(apply, info, in_dims, inputs, backward=False):
+    """The vmap rule of the recurrence (forward or backward): a vmapped dimension of the per-row inputs
+    (sequence buffers, states, lengths) with shared weights folds into B, the N models' rows side by
+    side in one launch: a free reshape for batch-first buffers, one copy of each time-major buffer (N
+    moves next to B) and of any unbatched per-row input (expanded to N). Vmapped weights (an
+    ensemble) run one model after the other (N launches, stacked): the kernels' grid has no model
+    axis. state_grad_norms has no vmapped form."""
+    if backward:  # dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, backend
+        kinds, batch_first, outs = ("seq", "state", "seq", "weight", "lengths"), inputs[7], ("seq", "state")
+    else:  # xp, h0, w_hh, bias, lengths, state_grad_norms, nonlinearity, reverse, batch_first, backend
+        if inputs[5] is not None:
+            raise ValueError("state_grad_norms is not supported under torch.func.vmap")
+        kinds, batch_first, outs = ("seq", "state", "weight", "weight", "lengths"), inputs[8], ("seq", "state")
+    return _vmap_rows(apply, info, in_dims, inputs, kinds, outs, batch_first)
+
+
+def _vmap_rows(apply, info, in_dims, inputs, kinds, out_kinds, batch_first):
+    """A vmap rule over per-row arguments (kinds: "seq" (T, B, ·) or (B, T, ·) with batch_first, "state"
+    (dirs, B, ·), "lengths" (B,), "weight" (shared by every row); the rest pass through): folded into B when no weight is vmapped, else a loop over the models."""
+    n = info.batch_size
+    weights_vmapped = any(d is not None for d, kind in zip(in_dims, kinds) if kind == "weight")
+    if weights_vmapped:
+        return _vmap_loop(apply, info, in_dims, inputs)
+    args = list(inputs)
+    for k, (a, d, kind) in enumerate(zip(inputs, in_dims, kinds)):
+        if a is not None and kind != "weight":
+            j = _row_dim(kind, batch_first)
+            a = a.unsqueeze(j).expand(*a.shape[:j], n, *a.shape[j:]) if d is None else a.movedim(d, j)
+            args[k] = a.flatten(j, j + 1)
+    results = apply(*args)
+    dims = tuple(_row_dim(kind, batch_first) for kind in out_kinds)
+    return tuple(r.unflatten(j, (n, -1)) for r, j in zip(results, dims)), dims
+
+
+def _vmap_loop(apply, info, in_dims, inputs):
+    """A vmap rule by a loop over the vmapped dimension: one call per model, outputs stacked."""
+    results = [apply(*(_select(a, d, i) for a, d in zip(inputs, in_dims))) for i in range(info.batch_size)]
+    return tuple(torch.stack(r) for r in zip(*results)), (0,) * len(results[0])
+
+
+def _row_dim(kind, batch_first):
+    return {"seq": 0 if batch_first else 1, "state": 1, "lengths": 0}[kind]
+
+
+def _select(a, d, i):
+    return a if d is None else a.select(d, i)
 
 
 # The torch.compile path: the same two pieces as custom ops, so the compiler treats the Triton launches
 # as opaque calls with known output shapes and traces the GEMMs around them. A custom op's output may not
-# alias its input, so here y is a buffer of its own.
+# alias its input, so here y is a buffer of its own. Their autograd and vmap registrations are the eager
+# Functions' (forward-mode AD has no custom-op registration: jvp runs eagerly).
 @torch.library.custom_op("elman_triton::recurrence", mutates_args=())
 def _recurrence_op(xp: torch.Tensor, h0: torch.Tensor, w_hh: torch.Tensor, bias: torch.Tensor | None,
                    lengths: torch.Tensor | None, state_grad_norms: torch.Tensor | None, nonlinearity: str,
@@ -299,13 +463,19 @@ def _op_backward(ctx, dy, dh_n):
 
 
 _recurrence_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_recurrence_op.register_vmap(lambda info, in_dims, *inputs: _vmap_recurrence(
+    torch.ops.elman_triton.recurrence, info, in_dims, inputs))
+_recurrence_backward_op.register_autograd(_backward_vjp, setup_context=lambda ctx, inputs, output:
+                                          _save_backward(ctx, inputs))
+_recurrence_backward_op.register_vmap(lambda info, in_dims, *inputs: _vmap_recurrence(
+    torch.ops.elman_triton.recurrence_backward, info, in_dims, inputs, backward=True))
 
 
 # ------------------------------------------------------------------------- views of the sequence buffers
 
 def _columns(buf, lay, d):
     """Direction d's (rows, H) block of a sequence buffer, rows in buffer order (a strided view)."""
-    return buf.view(-1, buf.shape[2])[:, d * lay.Hp: d * lay.Hp + lay.H]
+    return buf.reshape(-1, buf.shape[2])[:, d * lay.Hp: d * lay.Hp + lay.H]  # a view (reshape: vmap too)
 
 
 def _time_major(buf, lay, d):
@@ -371,11 +541,48 @@ def _differentiable_backward(dy, dh_n, y, w_hh, lengths, nonlinearity, lay):
     return (dz.transpose(0, 1) if lay.batch_first else dz), torch.stack(dh0)
 
 
+def _tangent_loop(dxp, dh0, dw_hh, dbias, y, h0, w_hh, lengths, nonlinearity, lay):
+    """Forward mode (jvp): the tangents (dy in y's layout, dh_n (dirs, B, H)) by a PyTorch loop over the
+    saved y. The tangent of the recurrence is itself a linear recurrence,
+        dh_t = act'(z_t) ⊙ (dxp_t + db + dh_{t∓1} W_hhᵀ + h_{t∓1} dW_hhᵀ),   dh_{-1} = dh0,
+    with act' written through h_t as in _differentiable_backward; padding steps pass the tangent
+    through and give dy = 0. Any tangent may be None (zero). Cost: T small ops per direction; it is
+    differentiable, so higher orders compose."""
+    acc = accumulator_dtype(y.dtype)
+    active = (torch.arange(lay.T, device=y.device).unsqueeze(1) < (lay.T if lengths is None else lengths)).unsqueeze(2)
+    dys, dh_n = [], []
+    for d in range(lay.dirs):
+        y_d = _time_major(y, lay, d)
+        dxp_d = None if dxp is None else _time_major(dxp, lay, d)
+        h = h0[d].to(acc)
+        g = torch.zeros_like(h) if dh0 is None else dh0[d].to(acc)
+        dy_d = [None] * lay.T
+        for t in (reversed(range(lay.T)) if _reversed(lay, d) else range(lay.T)):
+            u = g @ w_hh[d].to(acc).T
+            if dxp_d is not None:
+                u = u + dxp_d[t].to(acc)
+            if dbias is not None:
+                u = u + dbias[d].to(acc)
+            if dw_hh is not None:
+                u = u + h @ dw_hh[d].to(acc).T
+            h_t = y_d[t].to(acc)
+            g_t = u * (1 - h_t * h_t if nonlinearity == "tanh" else (h_t > 0).to(acc))
+            g, h = torch.where(active[t], g_t, g), torch.where(active[t], h_t, h)
+            dy_d[t] = torch.where(active[t], g_t, 0.0).to(y.dtype)
+        dys.append(F.pad(torch.stack(dy_d), (0, lay.Hp - lay.H)))
+        dh_n.append(g.to(y.dtype))
+    dy = torch.cat(dys, dim=2)
+    return (dy.transpose(0, 1) if lay.batch_first else dy), torch.stack(dh_n)
+
+
 # ------------------------------------------------------------------------------- non-Triton backends
 
 def _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                      batch_first, state_grad_norms):
     """The plain PyTorch loop, one direction after the other."""
+    if torch.compiler.is_exporting() and state_grad_norms is None:
+        return _scan_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
+                           batch_first)
     x = x.transpose(0, 1) if batch_first else x
     ys, h_n = [], []
     for d in range(len(weights_hh)):
@@ -390,35 +597,146 @@ def _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlin
     return (y.transpose(0, 1).contiguous() if batch_first else y), torch.stack(h_n)  # nn.RNN's contiguous y
 
 
+def _scan_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths, batch_first):
+    """The reference recurrence through torch's scan operator, under torch.export: a Python loop over T
+    would be unrolled into the program and fix T; scan keeps it dynamic. Same maths as the reference
+    (x W_ihᵀ + biases for every step in one GEMM, then one scan per direction)."""
+    from torch._higher_order_ops.scan import scan
+    x = x.transpose(0, 1) if batch_first else x
+    T, B = x.shape[:2]
+    steps = torch.arange(T, device=x.device).unsqueeze(1)
+    active = (steps < (T if lengths is None else lengths)).unsqueeze(2)  # (T, B, 1)
+    act = ACTIVATIONS[nonlinearity]
+    ys, h_n = [], []
+    for d in range(len(weights_hh)):
+        z = x @ weights_ih[d].T
+        for biases in (biases_ih, biases_hh):
+            if biases is not None:
+                z = z + biases[d]
+        w_hh = weights_hh[d]
+
+        def step(h, inputs, w_hh=w_hh):
+            z_t, active_t = inputs
+            h_t = torch.where(active_t, act(z_t + h @ w_hh.T), h)
+            return h_t, torch.where(active_t, h_t, 0.0)
+
+        backwards = (d == 1) != reverse
+        h = x.new_zeros(B, w_hh.shape[0]) if h0 is None else h0[d]
+        h, y = scan(step, h, (z.flip(0), active.flip(0)) if backwards else (z, active))
+        ys.append(y.flip(0) if backwards else y)
+        h_n.append(h)
+    y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
+    return (y.transpose(0, 1).contiguous() if batch_first else y), torch.stack(h_n)
+
+
 def _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                   batch_first):
     """PyTorch's own RNN kernel (what nn.RNN runs): the fast path for CPU tensors. Variable lengths run
     through its packed-sequence form (a pack and an unpack of x and y, as nn.RNN)."""
     dirs, H = len(weights_hh), weights_hh[0].shape[0]
     B = x.shape[0] if batch_first else x.shape[1]
-    has_bias = biases_ih is not None or biases_hh is not None
-    params = []
-    for d in range(dirs):
-        params += [weights_ih[d], weights_hh[d]]
-        if has_bias:
-            params += [b[d] if b is not None else weights_hh[d].new_zeros(H) for b in (biases_ih, biases_hh)]
+    params, has_bias = _native_params(weights_ih, weights_hh, biases_ih, biases_hh)
     hx = x.new_zeros(dirs, B, H) if h0 is None else h0
-    run = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
-    time_dim = 1 if batch_first else 0
     if lengths is None:
-        x_in = x.flip(time_dim) if reverse else x
-        # Positional: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-        y, h_n = run(x_in, hx, params, has_bias, 1, 0.0, False, dirs == 2, batch_first)
-        # batch-first: torch's kernel hands back a transposed view; ElmanRNN returns a contiguous y
-        return (y.flip(time_dim) if reverse else y).contiguous(), h_n
+        return _native_run(x, hx, params, has_bias, nonlinearity, dirs == 2, reverse, batch_first)
+    run = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
     packed = pack_padded_sequence(x, lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
     # Packed: (data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)
     data, h_n = run(packed.data, packed.batch_sizes, hx.index_select(1, packed.sorted_indices), params, has_bias,
                     1, 0.0, False, dirs == 2)
     y, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
                                               packed.unsorted_indices),
-                               batch_first=batch_first, total_length=x.shape[time_dim])
+                               batch_first=batch_first, total_length=x.shape[1 if batch_first else 0])
     return y.contiguous(), h_n.index_select(1, packed.unsorted_indices)
+
+
+def _native_params(weights_ih, weights_hh, biases_ih, biases_hh):
+    """torch.rnn_tanh's flat parameter list (w_ih, w_hh[, b_ih, b_hh] per direction) and has_biases."""
+    H = weights_hh[0].shape[0]
+    has_bias = biases_ih is not None or biases_hh is not None
+    params = []
+    for d in range(len(weights_hh)):
+        params += [weights_ih[d], weights_hh[d]]
+        if has_bias:
+            params += [b[d] if b is not None else weights_hh[d].new_zeros(H) for b in (biases_ih, biases_hh)]
+    return params, has_bias
+
+
+def _native_run(x, hx, params, has_bias, nonlinearity, bidirectional, reverse, batch_first):
+    """torch.rnn_tanh / rnn_relu over a padded batch, one layer: (y, h_n)."""
+    run = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
+    time_dim = 1 if batch_first else 0
+    x_in = x.flip(time_dim) if reverse else x
+    # Positional: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    y, h_n = run(x_in, hx, params, has_bias, 1, 0.0, False, bidirectional, batch_first)
+    # batch-first: torch's kernel hands back a transposed view; ElmanRNN returns a contiguous y
+    return (y.flip(time_dim) if reverse else y).contiguous(), h_n
+
+
+def _native_op(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, batch_first):
+    """The native kernel under torch.compile: one opaque custom op, so the compiler neither unrolls
+    PyTorch's RNN into T steps (compile work growing with T) nor recompiles for a new T. Its weights go
+    in stacked per direction (a small copy for two directions), missing biases as zeros (no Tensor[]
+    arguments: a custom op's autograd for those has no torch.func support)."""
+    dirs, H = len(weights_hh), weights_hh[0].shape[0]
+    hx = x.new_zeros(dirs, x.shape[0] if batch_first else x.shape[1], H) if h0 is None else h0
+    biases = [x.new_zeros(dirs, H) if b is None else _stack(b) for b in (biases_ih, biases_hh)]
+    return torch.ops.elman_triton.native_layer(x, hx, _stack(weights_ih), _stack(weights_hh), *biases, nonlinearity,
+                                               reverse, batch_first)
+
+
+def _native_stacked(x, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, batch_first):
+    params = [w[d] for d in range(w_hh.shape[0]) for w in (w_ih, w_hh, b_ih, b_hh)]
+    return _native_run(x, hx, params, True, nonlinearity, w_hh.shape[0] == 2, reverse, batch_first)
+
+
+@torch.library.custom_op("elman_triton::native_layer", mutates_args=())
+def _native_layer_op(x: torch.Tensor, hx: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor,
+                     b_hh: torch.Tensor, nonlinearity: str, reverse: bool,
+                     batch_first: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _native_stacked(x, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, batch_first)
+
+
+@_native_layer_op.register_fake
+def _(x, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, batch_first):
+    return x.new_empty(*x.shape[:2], hx.shape[0] * hx.shape[2]), hx.new_empty(hx.shape)
+
+
+@torch.library.custom_op("elman_triton::native_layer_backward", mutates_args=())
+def _native_layer_backward_op(dy: torch.Tensor, dh_n: torch.Tensor, x: torch.Tensor, hx: torch.Tensor,
+                              w_ih: torch.Tensor, w_hh: torch.Tensor, b_ih: torch.Tensor, b_hh: torch.Tensor,
+                              nonlinearity: str, reverse: bool, batch_first: bool) -> tuple[
+                                  torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (x, hx, w_ih, w_hh, b_ih, b_hh): PyTorch's own backward of its kernel, after
+    recomputing the forward (the op saves only its inputs). By torch.func.vjp, as a custom op's body
+    runs below autograd, where torch.autograd.grad would see no graph."""
+    _, pullback = torch.func.vjp(lambda *a: _native_stacked(*a, nonlinearity, reverse, batch_first),
+                                 x, hx, w_ih, w_hh, b_ih, b_hh)
+    return pullback((dy, dh_n))
+
+
+@_native_layer_backward_op.register_fake
+def _(dy, dh_n, x, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, batch_first):
+    return tuple(torch.empty_like(t) for t in (x, hx, w_ih, w_hh, b_ih, b_hh))
+
+
+def _native_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.options = inputs[6:]
+
+
+def _native_backward(ctx, dy, dh_n):
+    return *torch.ops.elman_triton.native_layer_backward(dy, dh_n, *ctx.saved_tensors, *ctx.options), None, None, None
+
+
+_native_layer_op.register_autograd(_native_backward, setup_context=_native_setup_context)
+# vmap: shared weights fold the models' rows into B (one call); the backward loops over the models,
+# as its weight gradients are per model.
+_native_layer_op.register_vmap(lambda info, in_dims, *inputs: _vmap_rows(
+    torch.ops.elman_triton.native_layer, info, in_dims, inputs, ("seq", "state", "weight", "weight", "weight", "weight"),
+    ("seq", "state"), batch_first=inputs[8]))
+_native_layer_backward_op.register_vmap(lambda info, in_dims, *inputs: _vmap_loop(
+    torch.ops.elman_triton.native_layer_backward, info, in_dims, inputs))
 
 
 def _combined_bias(biases_ih, biases_hh, dirs, H, x):
