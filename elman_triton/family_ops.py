@@ -126,7 +126,11 @@ def run_cell_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih=None, bias
     bias = _bias_slots(cell, biases_ih, biases_hh, dirs, H, x)
     h0 = x.new_zeros(dirs, B, H) if h0 is None else h0
     c0 = (x.new_zeros(dirs, B, H) if c0 is None else c0) if G == 4 else h0
-    y, h_n, c_n = _CellRecurrence.apply(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first)
+    args = (xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first)
+    if torch.compiler.is_compiling():
+        y, h_n, c_n, _, _ = torch.ops.elman_triton.cell_recurrence(*args)
+    else:
+        y, h_n, c_n, _, _ = _CellRecurrence.apply(*args)
     if Hp != H:  # drop the padding columns: nn's contiguous (·, ·, dirs·H) output, one copy
         y = y.unflatten(2, (dirs, Hp))[..., :H].contiguous().flatten(2)
     return y, (h_n, c_n if G == 4 else None)
@@ -146,66 +150,142 @@ def _bias_slots(cell, biases_ih, biases_hh, dirs, H, x):
     return torch.cat([b_ih[:, :2] + b_hh[:, :2], b_hh[:, 2:], b_ih[:, 2:]], dim=1)
 
 
+def _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first):
+    """Run the recurrence: (y, h_n, c_n, gates, aux), y in the padded sequence layout; gates and aux are
+    what the backward reads (see the module docstring). GRU's c_n is an empty placeholder."""
+    dirs, _, Hp = w_hh.shape
+    H = w_hh.shape[1] // G
+    T, B = (xp.shape[1], xp.shape[0]) if batch_first else xp.shape[:2]
+    y = xp.new_empty((B, T, dirs * Hp) if batch_first else (T, B, dirs * Hp))
+    gates = torch.empty_like(xp)
+    aux = torch.empty_like(y, dtype=accumulator_dtype(xp.dtype))
+    h_n = xp.new_empty(dirs, B, H)
+    c_n = xp.new_empty(dirs, B, H) if G == 4 else xp.new_empty(0)
+    h0p, c0p = _padded_states(h0, c0, Hp)
+    stepwise.cell_forward_recurrence(G, xp, y, gates, aux, h0p, c0p, w_hh, bias, h_n, c_n, lengths,
+                                     kernel_options(xp.dtype, "tanh"), Layout.of(y, H, dirs, batch_first, reverse))
+    return y, h_n, c_n, gates, aux
+
+
+def _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first):
+    """The reverse loop: (dz, dh0, dc0), dz with S = gate_slots(G) slots per direction (GRU's dc0 empty)."""
+    dirs, _, Hp = w_hh.shape
+    lay = Layout.of(y, w_hh.shape[1] // G, dirs, batch_first, reverse)
+    S = stepwise.gate_slots(G)
+    dz = y.new_empty((lay.B, lay.T, dirs * S * Hp) if batch_first else (lay.T, lay.B, dirs * S * Hp))
+    h0p, c0p = _padded_states(h0, c0, Hp)
+    dh0, dc0 = stepwise.cell_backward_recurrence(G, dy, dh_n, dc_n if G == 4 else None, y, h0p, gates, aux, c0p, w_hh,
+                                                 dz, lengths, kernel_options(y.dtype, "tanh"), lay)
+    return dz, dh0.contiguous(), dc0.contiguous() if G == 4 else dh0.new_empty(0)
+
+
+def _padded_states(h0, c0, Hp):
+    """h0 and c0 (dirs, B, H) as the kernels read them: rows padded to Hp, one set of strides."""
+    return _padded_rows(h0.contiguous(), Hp), _padded_rows(c0.contiguous(), Hp)
+
+
+def _save(ctx, inputs, outputs):
+    xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first = inputs
+    y, _, _, gates, aux = outputs
+    ctx.save_for_backward(h0, c0, w_hh, y, gates, aux, lengths)
+    ctx.G, ctx.reverse, ctx.batch_first, ctx.has_bias = G, reverse, batch_first, bias is not None
+
+
+def _gradients(ctx, dy, dh_n, dc_n, backward):
+    """Gradients of (xp, h0, c0, w_hh, bias): the reverse loop (backward) writes dz; dxp is dz's input-side
+    slots, dW_hh = Σ_t dz_tᵀ h_{t∓1} per gate and db = Σ_t dz_t per slot are GEMMs and sums in plain
+    torch (so torch.compile sees them)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("double backward (create_graph=True) through the LSTM/GRU Triton kernels is not "
+                           "implemented; use backend='reference' for it")
+    h0, c0, w_hh, y, gates, aux, lengths = ctx.saved_tensors
+    G, dirs, Hp = ctx.G, w_hh.shape[0], w_hh.shape[2]
+    lay = Layout.of(y, w_hh.shape[1] // G, dirs, ctx.batch_first, ctx.reverse)
+    S, H = stepwise.gate_slots(G), lay.H
+    dy = torch.zeros_like(y) if dy is None else dy
+    dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+    dc_n = torch.zeros_like(h0) if dc_n is None or G != 4 else dc_n
+    dz, dh0, dc0 = backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, ctx.reverse, ctx.batch_first)
+    slots = dz.unflatten(2, (dirs, S, Hp))
+    # GRU's input side of n is slot 3 (its slot 2 is the hidden side, scaled by r): one gather.
+    dxp = dz if S == G else slots[:, :, :, [0, 1, 3]].flatten(2)
+    need = ctx.needs_input_grad
+    dw_hh = None
+    if need[3]:
+        per_dir = []
+        for d in range(dirs):
+            one = Layout(lay.T, lay.B, H, 1, lay.stride_t, lay.stride_b, lay.batch_first, _reversed(lay, d))
+            y_d = y[..., d * Hp:(d + 1) * Hp]
+            per_dir.append(torch.cat([_recurrent_weight_grad(dz[..., (d * S + g) * Hp:(d * S + g + 1) * Hp], y_d, h0[d],
+                                                             lengths, one, 0) for g in range(G)]))
+        dw_hh = F.pad(torch.stack(per_dir), (0, Hp - H))
+    db = slots[..., :H].sum((0, 1), dtype=accumulator_dtype(y.dtype)) if ctx.has_bias and need[4] else None
+    dh0 = dh0.to(y.dtype) if need[1] else None
+    dc0 = dc0.to(y.dtype) if G == 4 and need[2] else None
+    return dxp, dh0, dc0, dw_hh, db, None, None, None, None
+
+
 class _CellRecurrence(torch.autograd.Function):
-    """The recurrence of a G-gate layer on the stepwise kernels: (xp, h0, c0, w_hh, bias) → (y, h_n, c_n)
-    with y in the padded sequence layout. GRU passes h0 as c0 and gets an empty c_n."""
+    """The eager path: (xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first) → (y, h_n, c_n, gates,
+    aux), y in the padded sequence layout; gates and aux are saved for the backward, not for the caller."""
 
     @staticmethod
-    def forward(ctx, xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first):
-        dirs, _, Hp = w_hh.shape
-        H = w_hh.shape[1] // G
-        T, B = (xp.shape[1], xp.shape[0]) if batch_first else xp.shape[:2]
-        y = xp.new_empty((B, T, dirs * Hp) if batch_first else (T, B, dirs * Hp))
-        lay = Layout.of(y, H, dirs, batch_first, reverse)
-        gates = torch.empty_like(xp)
-        aux = torch.empty_like(y, dtype=accumulator_dtype(xp.dtype))
-        h_n = xp.new_empty(dirs, B, H)
-        c_n = xp.new_empty(dirs, B, H) if G == 4 else xp.new_empty(0)  # GRU: a placeholder output
-        h0p, c0p = _padded_rows(h0, Hp), _padded_rows(c0, Hp)
-        if h0p.stride() != c0p.stride():
-            c0p = c0p.contiguous()
-            h0p = h0p.contiguous()
-        stepwise.cell_forward_recurrence(G, xp, y, gates, aux, h0p, c0p, w_hh, bias, h_n, c_n, lengths,
-                                         kernel_options(xp.dtype, "tanh"), lay)
-        ctx.save_for_backward(h0p, c0p, w_hh, y, gates, aux, lengths)
-        ctx.G, ctx.lay, ctx.has_bias = G, lay, bias is not None
-        if G != 4:
-            ctx.mark_non_differentiable(c_n)
-        return y, h_n, c_n
+    def forward(ctx, *inputs):
+        outputs = _cell_forward(*inputs)
+        _save(ctx, inputs, outputs)
+        ctx.mark_non_differentiable(*outputs[3:])
+        if inputs[6] != 4:
+            ctx.mark_non_differentiable(outputs[2])
+        return outputs
 
     @staticmethod
-    def backward(ctx, dy, dh_n, dc_n):
-        if torch.is_grad_enabled():
-            raise RuntimeError("double backward (create_graph=True) through the LSTM/GRU Triton kernels is not "
-                               "implemented; use backend='reference' for it")
-        h0p, c0p, w_hh, y, gates, aux, lengths = ctx.saved_tensors
-        G, lay = ctx.G, ctx.lay
-        S, Hp, H, dirs = stepwise.gate_slots(G), lay.Hp, lay.H, lay.dirs
-        dy = torch.zeros_like(y) if dy is None else dy
-        dh_n = h0p.new_zeros(dirs, lay.B, H) if dh_n is None else dh_n
-        dc_n = (h0p.new_zeros(dirs, lay.B, H) if dc_n is None else dc_n) if G == 4 else None
-        shape = (lay.B, lay.T, dirs * S * Hp) if lay.batch_first else (lay.T, lay.B, dirs * S * Hp)
-        dz = y.new_empty(shape)
-        dh0, dc0 = stepwise.cell_backward_recurrence(G, dy, dh_n, dc_n, y, h0p, gates, aux, c0p, w_hh, dz, lengths,
-                                                     kernel_options(y.dtype, "tanh"), lay)
-        slots = dz.unflatten(2, (dirs, S, Hp))
-        # GRU's input side of n is slot 3 (its slot 2 is the hidden side, scaled by r): one gather.
-        dxp = dz if S == G else slots[:, :, :, [0, 1, 3]].flatten(2)
-        need = ctx.needs_input_grad
-        dw_hh = None
-        if need[3]:
-            per_dir = []
-            for d in range(dirs):
-                one = Layout(lay.T, lay.B, H, 1, lay.stride_t, lay.stride_b, lay.batch_first, _reversed(lay, d))
-                y_d = y[..., d * Hp:(d + 1) * Hp]
-                per_dir.append(torch.cat([
-                    _recurrent_weight_grad(dz[..., (d * S + g) * Hp:(d * S + g + 1) * Hp], y_d, h0p[d, :, :H],
-                                           lengths, one, 0) for g in range(G)]))
-            dw_hh = F.pad(torch.stack(per_dir), (0, Hp - H))
-        db = slots[..., :H].sum((0, 1), dtype=accumulator_dtype(y.dtype)) if ctx.has_bias and need[4] else None
-        dh0 = dh0.to(y.dtype) if need[1] else None
-        dc0 = dc0.to(y.dtype) if G == 4 and need[2] else None
-        return dxp, dh0, dc0, dw_hh, db, None, None, None, None
+    def backward(ctx, dy, dh_n, dc_n, _gates, _aux):
+        return _gradients(ctx, dy, dh_n, dc_n, _cell_backward)
+
+
+# The torch.compile path: the same two pieces as custom ops (opaque launches with known output shapes), the
+# GEMMs around them traced. Custom ops may not return None: GRU's c_n and dc0 are empty tensors.
+@torch.library.custom_op("elman_triton::cell_recurrence", mutates_args=())
+def _cell_recurrence_op(xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+                        bias: torch.Tensor | None, lengths: torch.Tensor | None, G: int, reverse: bool,
+                        batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first)
+
+
+@_cell_recurrence_op.register_fake
+def _(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first):
+    dirs, _, Hp = w_hh.shape
+    T, B = (xp.shape[1], xp.shape[0]) if batch_first else xp.shape[:2]
+    y = xp.new_empty((B, T, dirs * Hp) if batch_first else (T, B, dirs * Hp))
+    return (y, xp.new_empty(h0.shape), xp.new_empty(h0.shape) if G == 4 else xp.new_empty(0), torch.empty_like(xp),
+            torch.empty_like(y, dtype=accumulator_dtype(xp.dtype)))
+
+
+@torch.library.custom_op("elman_triton::cell_recurrence_backward", mutates_args=())
+def _cell_backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, y: torch.Tensor, h0: torch.Tensor,
+                      c0: torch.Tensor, w_hh: torch.Tensor, gates: torch.Tensor, aux: torch.Tensor,
+                      lengths: torch.Tensor | None, G: int, reverse: bool,
+                      batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first)
+
+
+@_cell_backward_op.register_fake
+def _(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first):
+    S, dirs, Hp = stepwise.gate_slots(G), w_hh.shape[0], w_hh.shape[2]
+    dz = y.new_empty((*y.shape[:2], dirs * S * Hp))
+    acc = accumulator_dtype(y.dtype)
+    return dz, h0.new_empty(h0.shape, dtype=acc), h0.new_empty(h0.shape if G == 4 else (0,), dtype=acc)
+
+
+def _op_setup_context(ctx, inputs, output):
+    _save(ctx, inputs, output)
+
+
+def _op_backward(ctx, dy, dh_n, dc_n, _gates, _aux):
+    return _gradients(ctx, dy, dh_n, dc_n, torch.ops.elman_triton.cell_recurrence_backward)
+
+
+_cell_recurrence_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 # ------------------------------------------------------------------------------- non-Triton backends

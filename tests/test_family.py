@@ -214,3 +214,22 @@ def test_errors():
         GRUCell(3, 4)(torch.randn(2, 5))
     with pytest.raises(ValueError, match="weight_hh must have shape"):
         lstm(torch.randn(2, 1, 3), None, torch.randn(16, 3), torch.randn(16, 5))
+
+
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_fullgraph_compile(nn_cls, device):
+    """torch.compile(fullgraph=True), no Dynamo flags: the kernels run as custom ops
+    (torch.ops.elman_triton.cell_recurrence*) and the module gives the eager values and gradients. aot_eager:
+    Dynamo and AOTAutograd as with inductor, without its minutes of code generation on CPU."""
+    torch.compiler.reset()
+    T, B, D, H = 3, 2, 3, 5
+    ref, ours = twins(nn_cls, "stepwise", device, input_size=D, hidden_size=H, bidirectional=True, batch_first=True)
+    x = rand(B, T, D, device=device)
+    results = []
+    for run in (ours, torch.compile(ours, fullgraph=True, backend="aot_eager")):  # inductor: minutes on 2 cores
+        outs = flat(run(x))
+        loss = sum((torch.cos(t) * (i + 1)).sum() for i, t in enumerate(outs))
+        results.append(outs + list(torch.autograd.grad(loss, [x, *ours.parameters()])))
+    torch.compiler.reset()
+    for a, b in zip(results[1], results[0]):
+        assert rel_err(a, b) <= TOL
