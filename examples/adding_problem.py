@@ -16,7 +16,7 @@ training runs.
 
     python examples/adding_problem.py                 # T = 150 (on a GPU; the published scale)
     python examples/adding_problem.py --full          # T ∈ {150, 200, 300, 400}
-    python examples/adding_problem.py --quick         # small CPU run, under a minute
+    python examples/adding_problem.py --quick         # smoke run (T = 10), under a minute on CPU
     python examples/adding_problem.py --T 100 --budget-minutes 45   # stop each run at its share of 45 min
 """
 import math
@@ -34,6 +34,9 @@ from elman_triton import ElmanRNN, init, record_state_gradients  # noqa: E402
 
 BASELINE = 1 / 6  # MSE of always predicting 1
 MODELS = ("tanh", "tanh-orth", "irnn")
+COLORS = {"irnn": "C0", "tanh": "C1", "tanh-orth": "C2"}  # one colour per model, as in the recorded figures
+# T = 10 is too short to need memory across time: the smoke run cannot show the example's point.
+RECORDED = "adding_problem_T150.md (T = 150, the paper's shortest; T = 100 beside it)"
 
 
 def make_batch(T, B, generator, device):
@@ -117,12 +120,13 @@ def report(results, args, out):
                      f"{gradient_ratio(r['grad_history'][0][1]):.2e}", f"{gradient_ratio(r['grad_history'][-1][1]):.2e}"])
     header = ["model", "T", "steps", "seconds", "test MSE (final)", "test MSE (best)", "final / 0.167",
               "‖∂L/∂h_0‖ / ‖∂L/∂h_T-1‖ at init", "… after training"]
+    length = (f"{args.steps} steps each, or its share of a {args.budget_minutes:g}-minute budget for all runs "
+              "together" if args.budget_minutes is not None else f"{args.steps} steps each, no time budget")
     settings = (f"H = {args.hidden}, batch {args.batch}, Adam lr {args.lr}, gradient norm clipped at {args.clip}, "
                 f"{args.test_size} test sequences, seed {args.seed}, backend {args.backend!r} on {args.device}; "
-                f"budget {args.budget_minutes} min for all runs together, else {args.steps} steps each. "
-                f"Baseline (always predict 1): MSE {BASELINE:.3f}.")
+                f"{length}. Baseline (always predict 1): MSE {BASELINE:.3f}.")
     plt = _common.write_results(out, "adding_problem", "Adding problem", [settings, (header, rows)],
-                                dict(args=vars(args), results=results))
+                                dict(args=vars(args), results=results), args.smoke)
     if plt is None:
         return
     Ts = sorted({r["T"] for r in results})
@@ -131,11 +135,12 @@ def report(results, args, out):
         top, middle, bottom = axes[:, col]
         for r in (r for r in results if r["T"] == T):
             steps, _, mse = zip(*r["curve"])
-            line, = top.plot(steps, mse, label=r["model"])
-            middle.semilogy(steps, [gradient_ratio(norms) for _, norms in r["grad_history"]], color=line.get_color(),
+            color = COLORS[r["model"]]
+            top.plot(steps, mse, color=color, label=r["model"])
+            middle.semilogy(steps, [gradient_ratio(norms) for _, norms in r["grad_history"]], color=color,
                             label=r["model"])
             for (step, norms), style in ((r["grad_history"][0], ":"), (r["grad_history"][-1], "-")):
-                bottom.semilogy(range(T), norms, style, color=line.get_color(), label=f"{r['model']}, step {step}")
+                bottom.semilogy(range(T), norms, style, color=color, label=f"{r['model']}, step {step}")
         top.axhline(BASELINE, color="gray", ls="--", label="predict 1 (0.167)")
         top.set(title=f"adding problem, T = {T}, H = {args.hidden}", xlabel="training step", ylabel="test MSE",
                 ylim=(0, 0.5))
@@ -144,7 +149,7 @@ def report(results, args, out):
         bottom.set(title="‖∂L/∂h_t‖ of the test loss, at init and at the end", xlabel="t", ylabel="norm")
         for ax in axes[:, col]:
             ax.legend(fontsize=7)
-    _common.save_figure(fig, out, "adding_problem.png")
+    _common.save_figure(fig, out, "adding_problem.png", args.smoke)
 
 
 def main(argv=None):
@@ -161,7 +166,7 @@ def main(argv=None):
                                              test_size=500))
     if args.full:
         args.T = [150, 200, 300, 400]
-    out = _common.setup(args, "adding_problem")
+    out = _common.setup(args, "adding_problem", RECORDED, shows_point=False)
     runs = [(T, m) for T in args.T for m in args.models]
     share = math.inf if args.budget_minutes is None else args.budget_minutes * 60 / len(runs)
     results = []
@@ -172,6 +177,7 @@ def main(argv=None):
         print(f"{name:10s} T={T}: {r['steps']} steps in {r['seconds']:.0f} s, test MSE {r['final_mse']:.4f} "
               f"(best {r['best_mse']:.4f}; baseline {BASELINE:.3f})", flush=True)
         report(results, args, out)  # after every run, so a stopped long run keeps what it did
+    _common.remind(args)
     return results
 
 

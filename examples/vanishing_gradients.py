@@ -17,7 +17,7 @@ and again after some training on the adding problem (σ_max is measured again th
 status 1 if the bound is broken where the condition holds.
 
     python examples/vanishing_gradients.py            # T = 100, H = 100; the init part takes seconds
-    python examples/vanishing_gradients.py --quick    # smaller training, under a minute on CPU
+    python examples/vanishing_gradients.py --quick    # a smoke run (T = 30, H = 32), under a minute on CPU
 """
 import math
 import os
@@ -35,15 +35,15 @@ from elman_triton import init  # noqa: E402
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)
 GAMMA = {"tanh": 1.0, "relu": 1.0}  # sup |act'|
 SLACK = 1e-3  # fp32 rounding in the measured norms, relative to the rate
+FLOOR = 1e-30  # ratios below this are fp32 underflow, not a measured decay (decay_rates ignores them too)
 
 
 def decay_rates(norms):
     """(fitted rate, worst per-step rate) of ‖∂L/∂h_{T-1-k}‖ / ‖∂L/∂h_{T-1}‖ over k ≥ 1 where it is
-    above 1e-30 (below, fp32 underflow says nothing about the rate)."""
-    ratios = torch.tensor(norms, dtype=torch.float64).flip(0)
-    ratios = ratios / ratios[0]
+    above FLOOR (below, fp32 underflow says nothing about the rate)."""
+    ratios = ratios_of(norms)
     k = torch.arange(len(ratios), dtype=torch.float64)
-    keep = ratios > 1e-30
+    keep = ratios > FLOOR
     k, log_ratio = k[keep], ratios[keep].log()
     if len(k) < 2:
         return float("nan"), float("nan")
@@ -85,25 +85,40 @@ def report(rows, args, out):
                 f"the last state only); training: {args.steps} Adam steps, lr {args.lr}, batch {args.batch}, "
                 f"clip {args.clip}; backend {args.backend!r} on {args.device}; seed {args.seed}.")
     plt = _common.write_results(out, "vanishing_gradients", "Vanishing gradients", [settings, (header, table)],
-                                dict(args=vars(args), rows=rows))
+                                dict(args=vars(args), rows=rows), args.smoke)
     if plt is None:
         return
     acts = sorted({r["act"] for r in rows})
+    curves = {id(r): ratios_of(r["norms"]) for r in rows}
+    shown = torch.cat([c[c > FLOOR] for c in curves.values()])
+    ylim = (max(FLOOR, shown.min().item() / 10), shown.max().item() * 10)  # the measured range, above FLOOR
     fig, axes = plt.subplots(2, len(acts), figsize=(6 * len(acts), 8), squeeze=False, sharey=True)
     for col, act in enumerate(acts):
         for row, stage in enumerate(("init", "trained")):
             ax = axes[row, col]
             for r in (r for r in rows if r["act"] == act and r["stage"] == stage):
-                ratios = torch.tensor(r["norms"]).flip(0)
-                ratios = (ratios / ratios[0]).clamp_min(1e-38)
-                line, = ax.semilogy(ratios, label=f"ρ = {r['rho']} (σ_max {r['sigma_max']:.2f})")
+                color = rho_color(r["rho"], args.rhos)
+                ratios = curves[id(r)]
+                ax.semilogy(ratios, color=color, label=f"ρ = {r['rho']} (σ_max {r['sigma_max']:.2f})")
                 if r["bound"] < 1:
                     k = torch.arange(len(ratios), dtype=torch.float64)
-                    ax.semilogy(k, r["bound"] ** k, ":", color=line.get_color())
+                    ax.semilogy(k, r["bound"] ** k, ":", color=color)
             ax.set(title=f"{act}, {stage} (dotted: bound (γσ_max)^k)", xlabel="k = T − 1 − t",
-                   ylabel="‖∂L/∂h_t‖ / ‖∂L/∂h_T-1‖", ylim=(1e-30, 1e10))
+                   ylabel="‖∂L/∂h_t‖ / ‖∂L/∂h_T-1‖", ylim=ylim)
             ax.legend(fontsize=7)
-    _common.save_figure(fig, out, "vanishing_gradients.png")
+    _common.save_figure(fig, out, "vanishing_gradients.png", args.smoke)
+
+
+def ratios_of(norms):
+    """‖∂L/∂h_{T-1-k}‖ / ‖∂L/∂h_{T-1}‖ for k = 0, 1, …, in float64."""
+    ratios = torch.tensor(norms, dtype=torch.float64).flip(0)
+    return ratios / ratios[0]
+
+
+def rho_color(rho, rhos):
+    """One colour per ρ, the same in every panel and run: RHOS' own, in order, then the next ones."""
+    extra = [r for r in rhos if r not in RHOS]
+    return f"C{RHOS.index(rho) if rho in RHOS else len(RHOS) + extra.index(rho)}"
 
 
 def main(argv=None):
@@ -115,7 +130,7 @@ def main(argv=None):
     _common.training_flags(p, steps=500, batch=32, lr=1e-3)  # the steps before the second measurement
     p.add_argument("--test-size", type=int, default=256)
     args = _common.parse(p, argv, quick=dict(T=30, hidden=32, steps=60))
-    out = _common.setup(args, "vanishing_gradients")
+    out = _common.setup(args, "vanishing_gradients", "vanishing_gradients.md (T = 100, H = 100)")
     test = make_batch(args.T, args.test_size, torch.Generator().manual_seed(12345), args.device)
     rows = []
     for act in args.acts:
@@ -125,6 +140,7 @@ def main(argv=None):
     violated = [r for r in rows if r["check"] == "VIOLATED"]
     if violated:
         print(f"the bound is broken in {len(violated)} case(s)")
+    _common.remind(args)
     return rows, not violated
 
 

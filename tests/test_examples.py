@@ -1,12 +1,19 @@
-"""Each example runs with --quick (a small CPU run, as CI runs it) and its loss falls by a stated margin
-with the fixed seed; each writes its Markdown table, JSON record and (with matplotlib) PNG."""
+"""Each example runs with --quick (a smoke run on one CPU thread, as CI runs it) and its loss falls by a
+stated margin with the fixed seed; each writes its Markdown table, JSON record and (with matplotlib) PNG,
+all marked as a smoke run."""
 import importlib.util
+import json
 import math
 import os
+import re
 import sys
+
+import pytest
+import torch
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 BASELINE = 1 / 6  # the adding problem's MSE when always predicting 1
+MODELS = ("tanh", "tanh-orth", "irnn")
 
 
 def load(name):
@@ -16,17 +23,54 @@ def load(name):
     return module
 
 
-def run(name, tmp_path):
-    result = load(name).main(["--quick", "--out", str(tmp_path)])
+def run(name, tmp_path, capsys=None, figures=None, recorded=None):
+    """main(--quick) of the example; checks its outputs and that each says it is a smoke run (recorded: the
+    file under examples/results/ it must point to). figures: a list that gets each saved matplotlib figure."""
+    module = load(name)
+    if figures is not None:
+        save = module._common.save_figure
+        module._common.save_figure = lambda fig, *args, **kwargs: (figures.append(fig), save(fig, *args, **kwargs))
+    threads = torch.get_num_threads()
+    try:
+        result = module.main(["--quick", "--out", str(tmp_path)])
+        assert torch.get_num_threads() == 1  # a smoke run takes one thread: quick on a shared 2-core machine
+    finally:
+        torch.set_num_threads(threads)
+        if figures is not None:
+            module._common.save_figure = save
     # matplotlib is an optional extra: without it the examples write no PNG (and say so)
     for suffix in (".md", ".json") + ((".png",) if importlib.util.find_spec("matplotlib") else ()):
         assert os.path.getsize(tmp_path / f"{name}{suffix}") > 0
+    table = (tmp_path / f"{name}.md").read_text()
+    assert "SMOKE RUN" in table.splitlines()[0] and "smoke run (--quick)" in table.lower()
+    assert "None" not in table and not re.search(r"\b1 layers\b", table)
+    assert json.loads((tmp_path / f"{name}.json").read_text())["smoke_run"].startswith("smoke run")
+    if capsys is not None:
+        assert "SMOKE RUN" in capsys.readouterr().out
+    if recorded:
+        assert f"examples/results/{recorded}" in table
+        assert os.path.exists(os.path.join(EXAMPLES, "results", recorded))
+    for fig in figures or ():
+        assert fig._suptitle is not None and fig._suptitle.get_text().startswith("Smoke run")
     return result
 
 
-def test_adding_problem(tmp_path):
-    """At T = 10 every model beats the 0.167 baseline by 20 %, the best by half."""
-    results = run("adding_problem", tmp_path)
+def colors(ax):
+    """{label: RGBA} of an axis' lines."""
+    from matplotlib.colors import to_rgba
+    return {line.get_label(): to_rgba(line.get_color()) for line in ax.get_lines()}
+
+
+def test_adding_problem(tmp_path, capsys):
+    """At T = 10 every model beats the 0.167 baseline by 20 %, the best by half. The smoke run cannot show the
+    example's point (T = 10 needs no memory), so its table, screen and figure say so and name the recorded
+    run; each model keeps its colour of the recorded figures (irnn C0, tanh C1, tanh-orth C2)."""
+    figures = [] if importlib.util.find_spec("matplotlib") else None
+    results = run("adding_problem", tmp_path, capsys, figures, recorded="adding_problem_T150.md")
+    if figures:
+        from matplotlib.colors import to_rgba
+        assert {m: c for m, c in colors(figures[-1].axes[0]).items() if m in MODELS} == {
+            m: to_rgba(c) for m, c in (("irnn", "C0"), ("tanh", "C1"), ("tanh-orth", "C2"))}
     assert [r["model"] for r in results] == ["tanh", "tanh-orth", "irnn"]
     for r in results:
         assert r["curve"][0][2] > BASELINE and r["final_mse"] < 0.8 * BASELINE, r["model"]
@@ -58,8 +102,14 @@ def test_classify_packed(tmp_path):
 def test_vanishing_gradients(tmp_path):
     """Pascanu's bound holds wherever its condition does (σ_max < 1 at every ρ < 1 at init), and training
     lowers the test MSE of every model by 30 %."""
-    rows, ok = run("vanishing_gradients", tmp_path)
+    figures = [] if importlib.util.find_spec("matplotlib") else None
+    rows, ok = run("vanishing_gradients", tmp_path, figures=figures, recorded="vanishing_gradients.md")
     assert ok
+    ratios = [n / r["norms"][-1] for r in rows for n in r["norms"]]
+    measured = [v for v in ratios if v > 1e-30]  # below: fp32 underflow, no measurement
+    for ax in figures[-1].axes if figures else ():  # the measured range (not a fixed 1e-30..1e10)
+        low, high = ax.get_ylim()
+        assert max(1e-30, min(measured) / 100) <= low and high <= 100 * max(measured), (low, high)
     init = {(r["act"], r["rho"]): r for r in rows if r["stage"] == "init"}
     trained = {(r["act"], r["rho"]): r for r in rows if r["stage"] == "trained"}
     assert len(init) == len(trained) == 10
@@ -82,3 +132,16 @@ def test_without_the_optional_extras(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("plain: 2/20") and lines[-2].startswith("plain: 20/20") and "loss 1.0" in lines[-2]
     assert "matplotlib is not installed" in lines[-1]
+
+
+@pytest.mark.parametrize("name", ["adding_problem", "char_lm", "classify_packed", "vanishing_gradients"])
+def test_help_says_each_default_once(name, capsys):
+    """--help: one default per flag (--out's 'examples/out/<name>', no '(default: None)' after it), and
+    --quick called a smoke run."""
+    with pytest.raises(SystemExit):
+        load(name).main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "smoke run" in text
+    options = text[text.index("--out OUT folder"):]
+    out_help = options[:options.index("--device")]
+    assert out_help.count("default") == 1, out_help
