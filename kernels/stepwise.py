@@ -292,7 +292,8 @@ def step_bwd(
         p_dy, p_dh_next, p_dc_next, p_y, p_rows, p_gates, p_aux, p_crows, o_b, o_k, m_b, m_k, active,
         stride_dy_b, stride_dy_h, stride_y_b, stride_x_b, stride_dh_b, Hp, CELL, ACT)
     p_dz_own = p_dz + o_b[:, None] * stride_z_b + o_k[None, :]
-    m_own = m_b[:, None] & (o_k < Hp)[None, :]
+    m_kp = o_k < Hp  # W_hh's rows are padded: a mask constant over 16 elements keeps its loads vectorised
+    m_own = m_b[:, None] & m_kp[None, :]
     tl.store(p_dz_own, d0.to(dz_ty), mask=m_own)
     if G > 1:
         tl.store(p_dz_own + Hp, d1.to(dz_ty), mask=m_own)
@@ -309,12 +310,12 @@ def step_bwd(
         e0, e1, e2, e3, _, _, _, _, _ = _grad_tile(
             p_dy, p_dh_next, p_dc_next, p_y, p_rows, p_gates, p_aux, p_crows, o_b, o_n, m_b, m_n, active,
             stride_dy_b, stride_dy_h, stride_y_b, stride_x_b, stride_dh_b, Hp, CELL, ACT)  # [BB, BN] each
-        acc += matmul(e0.to(dz_ty), _w_tile(p_w, o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
+        acc += matmul(e0.to(dz_ty), _w_tile(p_w, o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k), PRECISION, UPCAST)
         if G > 1:
-            acc += matmul(e1.to(dz_ty), _w_tile(p_w, 1 * H + o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
-            acc += matmul(e2.to(dz_ty), _w_tile(p_w, 2 * H + o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
+            acc += matmul(e1.to(dz_ty), _w_tile(p_w, 1 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k), PRECISION, UPCAST)
+            acc += matmul(e2.to(dz_ty), _w_tile(p_w, 2 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k), PRECISION, UPCAST)
         if G > 3:
-            acc += matmul(e3.to(dz_ty), _w_tile(p_w, 3 * H + o_n, o_k, m_n, m_k, stride_w_n, stride_w_k), PRECISION, UPCAST)
+            acc += matmul(e3.to(dz_ty), _w_tile(p_w, 3 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k), PRECISION, UPCAST)
     b_dh = tl.where(active[:, None], acc + dh_direct, dh_own)  # padding steps pass the gradient through unchanged
     tl.store(p_dh + i_d * stride_dh_d + o_b[:, None] * stride_dh_b + o_k[None, :], b_dh, mask=m_own)
 
