@@ -180,8 +180,9 @@ def _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reve
 
 
 def _padded_states(h0, c0, Hp):
-    """h0 and c0 (dirs, B, H) as the kernels read them: rows padded to Hp, one set of strides."""
-    return _padded_rows(h0.contiguous(), Hp), _padded_rows(c0.contiguous(), Hp)
+    """h0 and c0 (dirs, B, H) as the kernels read them: rows padded to Hp, one set of strides, c0 in the
+    accumulator dtype (the kernels read a row's c from c0 or from the fp32 aux sequence alike)."""
+    return _padded_rows(h0.contiguous(), Hp), _padded_rows(c0.to(accumulator_dtype(c0.dtype)).contiguous(), Hp)
 
 
 def _save(ctx, inputs, outputs):

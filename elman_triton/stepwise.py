@@ -73,8 +73,9 @@ def cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, weight_hh, bias, h_n, 
     (batch-first: (B, T, ·)), gate g of direction d in columns (d·G + g)·Hp …; gates: xp's shape and
     strides (may be xp), gets the activated gates; y: sequence buffer; aux: y's shape and strides in
     the accumulator dtype, gets LSTM's c_t / GRU's ĥ_t; h0, c0: (dirs, B, Hp) with the same strides,
-    rows padded; weight_hh (dirs, G·H, Hp); bias: (dirs, S, H) contiguous in the accumulator dtype (see
-    kernels/stepwise.py) or None; h_n, c_n: (dirs, B, H) contiguous (c_n: any tensor for GRU)."""
+    rows padded, c0 in the accumulator dtype; weight_hh (dirs, G·H, Hp); bias: (dirs, S, H) contiguous
+    in the accumulator dtype (see kernels/stepwise.py) or None; h_n, c_n: (dirs, B, H) contiguous (c_n:
+    any tensor for GRU)."""
     lay = layout
     lay.check(y, "y")
     _check_gates(xp, lay, G, "xp")

@@ -84,8 +84,8 @@ def rnn_step_fwd_kernel(
     ACT: tl.constexpr, FAST_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Any cell's entry (GRU, LSTM). h0 (and c0, with h0's strides) come in rows padded like y's; Xp and
-    gates share strides, as y and aux do."""
+    """Any cell's entry (GRU, LSTM). h0 (and c0, with h0's strides, in aux's fp32 / fp64) come in rows padded like y's;
+    Xp and gates share strides, as y and aux do."""
     step_fwd(p_xp, p_y, p_gates, p_aux, p_h0, p_c0, p_w, p_bias, p_hn, p_cn, p_len, s, T, B, H,
              stride_x_t, stride_x_b, stride_y_t, stride_y_b, stride_y_d, stride_h0_d, stride_h0_b,
              stride_w_d, stride_w_n, stride_w_k, CELL, HAS_BIAS, HAS_LENGTHS, REVERSE, ACT, FAST_TANH, PRECISION,
@@ -277,7 +277,9 @@ def step_bwd(
     o_state = i_d * stride_h0_d + o_b * stride_h0_b  # [BB]
     o_seq_prev = o_yd + t_read * stride_y_t + o_b * stride_y_b  # [BB]
     p_rows = tl.where(from_h0, p_h0 + o_state, p_y + o_seq_prev)  # [BB] h_{t∓1} (GRU)
-    p_crows = tl.where(from_h0, p_c0 + o_state, p_aux + o_seq_prev)  # [BB] c_{t∓1} (LSTM)
+    p_crows = p_rows  # a placeholder where the cell has no c
+    if G == 4:
+        p_crows = tl.where(from_h0, p_c0 + o_state, p_aux + o_seq_prev)  # [BB] c_{t∓1}: c0 and aux both fp32
     p_dy = p_dy + i_d * stride_dy_d + t64 * stride_dy_t
     p_y = p_y + o_yd + t64 * stride_y_t
     p_aux = p_aux + o_yd + t64 * stride_y_t

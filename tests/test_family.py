@@ -233,3 +233,31 @@ def test_fullgraph_compile(nn_cls, device):
     torch.compiler.reset()
     for a, b in zip(results[1], results[0]):
         assert rel_err(a, b) <= TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_storage_dtypes(cell, dtype, device):
+    """fp32 and bf16 storage (fp32 accumulation, LSTM's c carried in fp32) against the float64 reference:
+    values, states and every gradient within the dtype's tolerance."""
+    T, B, D, H, G = 4, 3, 5, 20, 4 if cell == "lstm" else 3
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    s = H ** -0.5
+    leaves64 = [torch.randn(T, B, D, dtype=F64), torch.randn(B, H, dtype=F64), torch.randn(B, H, dtype=F64),
+                torch.rand(G * H, D, dtype=F64) * 2 * s - s, torch.rand(G * H, H, dtype=F64) * 2 * s - s,
+                torch.rand(G * H, dtype=F64) * 2 * s - s, torch.rand(G * H, dtype=F64) * 2 * s - s]
+    if cell == "gru":
+        del leaves64[2]
+    results = []
+    for backend, dt in (("reference", F64), ("stepwise", dtype)):
+        leaves = [t.to(device=device, dtype=dt).requires_grad_() for t in leaves64]
+        if cell == "lstm":
+            y, (h, c) = lstm(leaves[0], (leaves[1], leaves[2]), *leaves[3:], backend=backend)
+            outs = [y, h, c]
+        else:
+            outs = list(gru(leaves[0], leaves[1], *leaves[2:], backend=backend))
+        cotangents = [torch.ones_like(t).cumsum(-1) / t.shape[-1] for t in outs]
+        loss = sum((w * t.float()).sum() for w, t in zip(cotangents, outs))
+        results.append(outs + list(torch.autograd.grad(loss, leaves)))
+    for i, (a, b) in enumerate(zip(results[1], results[0])):
+        assert a.dtype == dtype and rel_err(a, b) <= tol, i
