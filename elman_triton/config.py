@@ -101,8 +101,9 @@ class Layout:
 
     def check(self, buf, name):
         """The launchers index the buffers this package allocates through this layout."""
-        ok = buf.stride(2) == 1 and buf.shape[2] == self.dirs * self.Hp and buf.numel() == self.T * self.B * buf.shape[2]
-        assert ok, f"{name} does not have the layer's buffer layout {self}"
+        row = self.dirs * self.Hp
+        if buf.stride(2) != 1 or buf.size(2) != row or buf.numel() != self.T * self.B * row:
+            raise AssertionError(f"{name} does not have the layer's buffer layout {self}")
 
     @property
     def seq_strides(self):

@@ -9,9 +9,15 @@ Two kernel shapes, picked by H:
     a grid barrier every step (every phase, backward). Batch tiles are spread over n_group
     independent barrier groups when the grid has room. One cooperative launch forward, one
     backward, both directions in it when the device holds 2·n_col programs at once, else one
-    launch per direction (LargeKernelPlan.sequential_directions says which). Under Triton's
-    interpreter, one launch per step (forward) or phase (backward), because there programs run one
-    after another and a barrier would never open.
+    launch per direction (sequential_directions says which). The grid is sized from the registers
+    and shared memory of the kernel compiled for the call's own arguments (lengths need more), and
+    fits answers for "auto" the same way. Under Triton's interpreter, one launch per step (forward)
+    or phase (backward), because there programs run one after another and a barrier would never open.
+
+Host cost per call: everything but the tensors (the compiled kernel, its grid, the barrier buffer, the
+remaining arguments) is a launch plan built on a call's first use of its shape (_PLANS), so a call
+checks its buffers, looks the plan up and calls the compiled kernel directly; benchmarks/host_overhead.py
+measures it.
 
 Limits (LARGE_SLICE_BYTES): the on-chip W_hh slice [BH, BN] and the state tile [BB, BH] are each
 kept ≤ 64 KiB, which holds H ≤ 2048 for 16-bit storage, H ≤ 1024 for fp32, H ≤ 512 for fp64.
@@ -145,8 +151,7 @@ def supports(B, H, dtype, device):
         return False
     if _is_small(H, dtype, device):
         return True
-    elt = torch.empty((), dtype=dtype).element_size()
-    return _bh(H) * max(BN, BB) * elt <= LARGE_SLICE_BYTES
+    return _bh(H) * max(BN, BB) * dtype.itemsize <= LARGE_SLICE_BYTES
 
 
 def check_supported(B, H, dtype, device):
@@ -165,9 +170,14 @@ def fits(layout, dtype, device, opts, has_lengths=None):
         return False
     if _is_small(layout.H, dtype, device) or INTERPRETED:
         return True
-    device = torch.device(device)
+    return _large_fits(layout, dtype, torch.device(device), opts, _large, has_lengths)
+
+
+@functools.lru_cache(maxsize=1024)
+def _large_fits(layout, dtype, device, opts, config, has_lengths):
+    """fits for the large kernel: one cache look-up per call ("auto" asks on every call)."""
     variants = (False, True) if has_lengths is None else (bool(has_lengths),)
-    return all(_stand_in_plan(kernel, layout, dtype, device, opts, _large, with_lengths).fits
+    return all(_stand_in_plan(kernel, layout, dtype, device, opts, config, with_lengths).fits
                for kernel in (elman_persistent_large_fwd_kernel, elman_persistent_large_bwd_kernel)
                for with_lengths in variants)
 
@@ -184,18 +194,20 @@ def sequential_directions(layout, dtype, device, opts, has_lengths=False):
 
 def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
     layout.check(xp, "xp")
-    layout.check(y, "y")
+    if y is not xp:
+        layout.check(y, "y")
     tensors = (xp, y, h0, weight_hh, xp if bias is None else bias, h_n, lengths)
     with on_device(y):
-        _run((_forward_plan, layout, y.dtype, opts, bias is not None, _dtype(lengths), h0.stride(),
-              weight_hh.stride()), tensors, y.device)
+        _run((_forward_plan, layout, y.dtype, opts, bias is not None, None if lengths is None else lengths.dtype,
+              h0.stride(), weight_hh.stride()), tensors, y.device)
 
 
 def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
     """Fills dz (y's layout); returns ∂L/∂h0 (dirs, B, H) in the accumulator dtype."""
     lay = layout
     lay.check(dz, "dz")
-    key = (_backward_plan, lay, y.dtype, opts, _dtype(lengths), dy.stride(), weight_hh.stride())
+    key = (_backward_plan, lay, y.dtype, opts, None if lengths is None else lengths.dtype, dy.stride(),
+           weight_hh.stride())
     with on_device(y):
         if _is_small(lay.H, y.dtype, y.device):
             dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=accumulator_dtype(y.dtype), device=y.device)
@@ -209,10 +221,6 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
             dh = dh[..., :lay.H].copy_(dh_n)  # a view of the buffer, as the caller gets ∂L/∂h0 back
         _run(key + (None,), (dy, y, weight_hh, dz, dh, lengths), y.device)
         return dh
-
-
-def _dtype(tensor):
-    return None if tensor is None else tensor.dtype
 
 
 # ------------------------------------------------------------------------------------ launch plans
@@ -230,9 +238,11 @@ class _Plan:
 
 
 # (key, large_config, device, stream, alignment) -> _Plan. A key names the builder and every argument of
-# the launch that Triton specialises on or that sizes the grid (see forward_recurrence); the alignment
-# guard adds the tensors' 16-byte alignment, so a compiled kernel only ever gets pointers it was
-# specialised for.
+# the launch that Triton specialises on or that sizes the grid (see forward_recurrence): the layout
+# (T, B, H, strides, direction order), y's dtype (ops gives h0, W_hh, h_n and dy y's dtype, the bias the
+# accumulator's), the options, which optional tensors are there and the strides of the user's tensors.
+# The alignment guard adds the tensors' 16-byte alignment, so a compiled kernel only ever gets
+# pointers it was specialised for.
 _PLANS = {}
 _PLANS_MAX = 1024  # keys include T: a bound, not a cache policy
 

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from elman_triton import ops, persistent
-from elman_triton.config import Layout, kernel_options
+from elman_triton import elman_rnn, ops, persistent, stepwise
+from elman_triton.config import FP_FUSION, INTERPRETED, Layout, kernel_options
 from elman_triton.kernels import barrier
 
 LINE = barrier.WORD_STRIDE.value
@@ -78,13 +78,17 @@ def gpu(monkeypatch):
         stand_in_args = persistent._stand_in_args
         monkeypatch.setattr(persistent, "_stand_in_args", lambda kernel, lay, dtype, device, has_lengths:
                             stand_in_args(kernel, lay, dtype, torch.device("cpu"), has_lengths))
-    for name in ("_plan_cached", "_stand_in_plan"):  # the occupancy cache, before and after cached plans
-        if hasattr(persistent, name):
-            getattr(persistent, name).cache_clear()
+    forget_the_device()
     yield state
-    for name in ("_plan_cached", "_stand_in_plan"):
+    forget_the_device()
+
+
+def forget_the_device():
+    """Empty the launcher's caches of what the device holds (before and after cached plans)."""
+    for name in ("_plan_cached", "_stand_in_plan", "_large_fits"):
         if hasattr(persistent, name):
             getattr(persistent, name).cache_clear()
+    getattr(persistent, "_PLANS", {}).clear()
 
 
 def forward(B, H, dirs=2, lengths=False, T=8, h0=None):
@@ -138,7 +142,7 @@ def test_auto_follows_the_plan_with_lengths(gpu):
     persistent.fits(lay, torch.bfloat16, cuda, OPTS)
     assert len(fwd.compiles) == compiles  # cached: no warmup per call
     gpu.sms = 40  # a MIG slice: nothing fits, with or without lengths
-    persistent._stand_in_plan.cache_clear()
+    forget_the_device()
     assert not persistent.fits(lay, torch.bfloat16, cuda, OPTS, has_lengths=False)
 
 
@@ -156,14 +160,13 @@ def test_grid_shrinks_with_the_device(gpu):
     fwd = persistent.elman_persistent_large_fwd_kernel
     for sms, grids in ((132, [(64, 2, 2)]), (100, [(64, 1, 2)]), (50, [(64, 1, 1)] * 2)):
         gpu.sms = sms
-        persistent._PLANS.clear()
+        forget_the_device()
         forward(64, 1024)
         assert [grid for grid, _ in launched(fwd)] == grids
         lay = Layout(T=8, B=64, H=1024, dirs=2, stride_t=64 * 2048, stride_b=2048, batch_first=False, reverse=False)
-        persistent._stand_in_plan.cache_clear()
         assert persistent.sequential_directions(lay, torch.bfloat16, torch.device("cuda", 0), OPTS) == (sms == 50)
     gpu.sms = 20
-    persistent._PLANS.clear()
+    forget_the_device()
     with pytest.raises(RuntimeError, match="needs 64 co-resident programs but this GPU holds 40"):
         forward(64, 1024)
 
@@ -248,6 +251,46 @@ def test_captured_launches_own_their_buffers(gpu):
     fwd.launches.clear()
     forward(16, 1024, dirs=1)
     assert fwd.launches[0][1][n_tensors] is eager
+
+
+@pytest.mark.parametrize("small", [True, False], ids=["small", "large"])
+def test_every_launch_chooses_fp_fusion(monkeypatch, device, small):
+    """Triton 3.9 warns that fp fusion's default turns off in 3.10: every launch and compile of every kernel
+    passes enable_fp_fusion = config.FP_FUSION rather than leaving it to the default."""
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                seen.append((self.kernel.__name__, meta.get("enable_fp_fusion")))
+                return self.kernel[grid](*args, **meta)
+            return launch
+
+        def warmup(self, *args, **meta):
+            seen.append((self.kernel.__name__, meta.get("enable_fp_fusion")))
+            return self.kernel.warmup(*args, **meta)
+
+        def __getattr__(self, name):
+            return getattr(self.kernel, name)
+    for module in (stepwise, persistent):
+        for name, value in list(vars(module).items()):
+            if name.endswith("_kernel") and hasattr(value, "warmup"):
+                monkeypatch.setattr(module, name, Spy(value))
+    monkeypatch.setattr(persistent, "_PLANS", {}, raising=False)
+    if not small:
+        monkeypatch.setattr(persistent, "SMALL_H_MAX", {dt: 0 for dt in persistent.SMALL_H_MAX})
+    x, w_ih, w_hh = (torch.randn(*shape, device=device, requires_grad=True) for shape in ((2, 3, 4), (20, 4), (20, 20)))
+    for backend in ("stepwise", "persistent"):
+        y, h_n = elman_rnn(x, None, w_ih, w_hh * 0.2, backend=backend)
+        (y.sum() + h_n.sum()).backward()
+    if INTERPRETED:
+        persistent.run_barrier_loop(torch.zeros(2 * LINE, dtype=torch.int32), 1, 1)
+    kernels = {name for name, _ in seen}
+    assert len(kernels) == 4 + INTERPRETED  # stepwise fwd, bwd; persistent fwd, bwd (+ the barrier loop)
+    assert all(fusion is FP_FUSION for _, fusion in seen), seen
 
 
 # ---------------------------------------------------------------------------------------- GPU
