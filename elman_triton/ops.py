@@ -119,15 +119,20 @@ def run_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, 
         backend = "reference"
     if backend == "auto" and x.device.type != "cuda":
         # PyTorch's native kernel, except where it cannot serve: it exposes no per-step gradients, has no
-        # reverse-only layer for variable lengths, takes those as a PackedSequence, whose packing
-        # torch.compile does not trace, and has no vmap rule (aten::rnn_tanh, nor its backward) nor
-        # forward-mode AD for packing: under eager torch.func transforms (where jacrev, say, vmaps the
-        # backward of a forward it has already run) and forward-mode AD the reference loop runs, whose
-        # every op they transform. Under torch.compile it is a custom op with these rules (_native_op).
+        # reverse-only layer for variable lengths, and takes those as a PackedSequence, whose packing
+        # torch.compile does not trace (under torch.compile it is a custom op: _native_op). It has no
+        # vmap rule (aten::rnn_tanh, nor its backward) and no forward-mode AD for packing, so under eager
+        # torch.func transforms (where jacrev, say, vmaps the backward of a forward it has already run)
+        # and forward-mode AD it runs inside _Recurrence ("native_recurrence": _native_recurrence), whose
+        # rules serve the transforms as for the Triton backends; with lengths, the reference loop.
         compiling = torch.compiler.is_compiling()
-        native = (state_grad_norms is None and (lengths is None or not (reverse or compiling))
-                  and (compiling or not _transformed()))
-        backend = "native" if native else "reference"
+        transformed = not compiling and _transformed()
+        if state_grad_norms is None and (lengths is None or not (reverse or compiling)) and not transformed:
+            backend = "native"
+        elif state_grad_norms is None and lengths is None and transformed and x.dtype in SUPPORTED_DTYPES:
+            backend = "native_recurrence"
+        else:
+            backend = "reference"
     if backend == "reference":
         return _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                                 batch_first, state_grad_norms)
@@ -136,7 +141,7 @@ def run_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, 
     if backend == "native":
         return _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                              batch_first)
-    if x.device.type == "cpu" and not INTERPRETED:
+    if x.device.type == "cpu" and not INTERPRETED and backend != "native_recurrence":
         raise RuntimeError(f"backend={backend!r} runs Triton kernels, which need CUDA tensors; on CPU set "
                            "TRITON_INTERPRET=1 before importing elman_triton, or use backend='auto'")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -221,6 +226,8 @@ def _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first,
     """Run the recurrence from xp into y (y may be xp); returns h_n (dirs, B, H)."""
     dirs, _, H = w_hh.shape
     lay = Layout.of(xp, H, dirs, batch_first, reverse)
+    if backend == "native_recurrence":
+        return _native_recurrence(xp, y, h0, w_hh, bias, nonlinearity, lay)
     opts = kernel_options(xp.dtype, nonlinearity)
     h_n = xp.new_empty(dirs, lay.B, H)
     _recurrence(backend, lay, xp.dtype, xp.device, opts).forward_recurrence(
@@ -232,6 +239,9 @@ def _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first,
 def _backward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, backend):
     """(dz, dh0): dz in y's layout, dh0 (dirs, B, H) in the accumulator dtype."""
     dirs, _, H = w_hh.shape
+    if backend == "native_recurrence":  # the reverse loop in PyTorch: PyTorch's kernel has no such pass
+        return _differentiable_backward(dy, dh_n, y, w_hh, lengths, nonlinearity,
+                                        _shape_layout(y, H, dirs, batch_first, reverse))
     lay = Layout.of(y, H, dirs, batch_first, reverse)
     opts = kernel_options(y.dtype, nonlinearity)
     dz = torch.empty_like(y)
@@ -595,6 +605,29 @@ def _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlin
         h_n.append(h)
     y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
     return (y.transpose(0, 1).contiguous() if batch_first else y), torch.stack(h_n)  # nn.RNN's contiguous y
+
+
+def _native_recurrence(xp, y, h0, w_hh, bias, nonlinearity, lay):
+    """The recurrence of backend "native_recurrence" (auto on CPU under torch.func and forward-mode AD):
+    PyTorch's native kernel over each direction's block of the sequence buffer xp, read through an
+    identity W_ih (one extra H×H GEMM over the sequence), y written into its block; returns h_n. Its
+    backward is _differentiable_backward's loop: so a vmapped batch folds into B and the weight
+    gradients stay GEMMs per model (one native call for B·N rows, not N)."""
+    run = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
+    eye, zeros = torch.eye(lay.H, dtype=xp.dtype, device=xp.device), xp.new_zeros(lay.H)
+    h_n = []
+    for d in range(lay.dirs):
+        backwards = _reversed(lay, d)
+        block = _time_major(xp, lay, d)
+        block = block.flip(0) if backwards else block
+        b = zeros if bias is None else bias[d].to(xp.dtype)
+        # (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        out, h = run(block, h0[d:d + 1], [eye, w_hh[d], b, zeros], True, 1, 0.0, False, False, False)
+        _time_major(y, lay, d).copy_(out.flip(0) if backwards else out)
+        h_n.append(h[0])
+    if lay.Hp != lay.H:  # the padding columns, as the kernels leave them
+        y.unflatten(2, (lay.dirs, lay.Hp))[..., lay.H:].zero_()
+    return torch.stack(h_n)
 
 
 def _scan_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths, batch_first):

@@ -253,3 +253,44 @@ def test_export_dynamic_T_and_B_without_warnings(backend):
     for shape in ((3, 5), (2, 1)):
         x, h0 = rand(*shape, D), rand(4, shape[0], H)
         assert_all_close(program.module()(x, h0), model(x, h0), f"exported at (B, T) = {shape}")
+
+
+def test_compiled_native_cpu_layer_is_opaque_and_T_dynamic():
+    """auto on CPU under torch.compile: PyTorch's native RNN runs as one custom op per layer, so the
+    compiled graphs do not grow with T (static shapes) and a new T does not recompile (dynamic)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []  # (kind, number of nodes, number of native-layer calls) per compiled graph
+
+    def compiler(kind):
+        def compile_graph(gm, example_inputs):
+            calls = sum("native_layer" in str(n.target) for n in gm.graph.nodes)
+            graphs.append((kind, len(gm.graph.nodes), calls))
+            return make_boxed_func(gm.forward)
+        return compile_graph
+
+    backend = aot_autograd(fw_compiler=compiler("fw"), bw_compiler=compiler("bw"))
+    model = ElmanRNN(D, H, num_layers=2, backend="auto")
+
+    def loss(x):
+        y, h_n = model(x)
+        return y.square().sum() + h_n.sum()
+
+    def compile_at(steps, dynamic):
+        torch.compiler.reset()
+        graphs.clear()
+        compiled = torch.compile(loss, backend=backend, dynamic=dynamic, fullgraph=True)
+        for t in steps:
+            x = torch.randn(t, B, D)
+            got = compiled(x)
+            got.backward()  # compiles the backward graph
+            torch.testing.assert_close(got, loss(x))
+        return list(graphs)
+
+    short, long = compile_at([2], False), compile_at([9], False)
+    assert [kind for kind, _, _ in short] == ["fw", "bw"]
+    assert short == long, f"the compiled graphs grow with T: {short} at T = 2, {long} at T = 9"
+    assert short[0][2] == 2, f"expected one native-layer op per layer in the forward graph, got {short[0][2]}"
+    assert len(compile_at([3, 5, 8], True)) == 2, "a new T recompiled"
+    torch.compiler.reset()
