@@ -141,8 +141,8 @@ class LSTM(nn.RNNBase):
         return x, hidden
 
 
-class GRUCell(nn.GRUCell):
-    """torch.nn.GRUCell with the step in family_ops (T = 1). Same arguments, plus keyword-only `backend`."""
+class _BackendCell:
+    """nn.GRUCell's / nn.LSTMCell's construction plus the keyword-only `backend` (a mixin before them)."""
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto"):
         _check_backend(backend)
@@ -151,6 +151,10 @@ class GRUCell(nn.GRUCell):
 
     def extra_repr(self):
         return super().extra_repr() + _backend_repr(self.backend)
+
+
+class GRUCell(_BackendCell, nn.GRUCell):
+    """torch.nn.GRUCell with the step in family_ops (T = 1). Same arguments, plus keyword-only `backend`."""
 
     def forward(self, input, hx=None):
         """Same contract as torch.nn.GRUCell.forward: h' of shape (B, H), or (H,) for unbatched input."""
@@ -160,16 +164,8 @@ class GRUCell(nn.GRUCell):
         return h if batched else h.squeeze(0)
 
 
-class LSTMCell(nn.LSTMCell):
+class LSTMCell(_BackendCell, nn.LSTMCell):
     """torch.nn.LSTMCell with the step in family_ops (T = 1). Same arguments, plus keyword-only `backend`."""
-
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend="auto"):
-        _check_backend(backend)
-        super().__init__(input_size, hidden_size, bias, device=device, dtype=dtype)
-        self.backend = backend
-
-    def extra_repr(self):
-        return super().extra_repr() + _backend_repr(self.backend)
 
     def forward(self, input, hx=None):
         """Same contract as torch.nn.LSTMCell.forward: (h', c'), each (B, H), or (H,) for unbatched input."""

@@ -12,8 +12,8 @@ W_hhᵀ is never materialised: the tile is loaded through W_hh's strides with th
 
 Layout: the layer's sequence buffers hold element (t, b, d, h) at t·stride_t + b·stride_b + d·Hp + h
 (y, aux, and dz for Elman); the gate buffers (Xp, the saved gates, dz) hold (t, b, d, g, h) at
-t·stride_t + b·stride_b + (d·S + g)·Hp + h with S slots per direction (S = G, and 4 for GRU's dz,
-see below). Time-major, batch-first and both directions are the same code. Hp is H rounded up to 16
+t·stride_t + b·stride_b + (d·S + g)·Hp + h with S slots per direction (S = G for Xp and the gates;
+dz and the bias have one more slot for GRU, see below). Time-major, batch-first and both directions are the same code. Hp is H rounded up to 16
 (the launcher's padding): every row, gate and direction block starts 16-element aligned, so loads
 vectorise for any H. The launcher pads the rows of h0, c0 and W_hh the same way (zeros past H), and
 loads along a row mask at Hp, not H. Stores cover the padding columns too and write exact zeros there,
@@ -42,6 +42,10 @@ stores its own chunk of dz = (d_0 … d_{G−1}, and GRU's dx_n in slot 3) for t
 that follow: slots 0…G−1 are the gradient of W_hh's pre-activations, and of the bias slots one to
 one.
 
+Kernels: rnn_step_fwd_kernel / rnn_step_bwd_kernel take any cell; elman_step_fwd_kernel /
+elman_step_bwd_kernel are the Elman cell's entries with its shorter argument list (y doubles as its
+gates, nothing else saved), calling them with CELL = 1: one body, no twin.
+
 Both kernels take the whole buffers and the step index s, so the launcher passes the same arguments
 every step but s. Accumulation and the carried dh, dc are fp32 (fp64 for fp64 storage). Offsets are
 int64.
@@ -66,10 +70,10 @@ def elman_step_fwd_kernel(
 ):
     """The Elman cell's entry (CELL = 1): y written over Xp (same strides), nothing else saved, so the
     gate, aux and c pointers are y's and h0's (never read or written)."""
-    step_fwd(p_xp, p_y, p_y, p_y, p_h0, p_h0, p_w, p_bias, p_hn, p_hn, p_len, s, T, B, H,
-             stride_y_t, stride_y_b, stride_y_t, stride_y_b, stride_y_d, stride_h0_d, stride_h0_b,
-             stride_w_d, stride_w_n, stride_w_k, 1, HAS_BIAS, HAS_LENGTHS, REVERSE, ACT, FAST_TANH, PRECISION,
-             UPCAST, BB, BN, BK)
+    rnn_step_fwd_kernel(p_xp, p_y, p_y, p_y, p_h0, p_h0, p_w, p_bias, p_hn, p_hn, p_len, s, T, B, H,
+                        stride_y_t, stride_y_b, stride_y_t, stride_y_b, stride_y_d, stride_h0_d, stride_h0_b,
+                        stride_w_d, stride_w_n, stride_w_k, 1, HAS_BIAS, HAS_LENGTHS, REVERSE, ACT, FAST_TANH,
+                        PRECISION, UPCAST, BB, BN, BK)
 
 
 @triton.jit(do_not_specialize=["s", "T"])
@@ -84,27 +88,8 @@ def rnn_step_fwd_kernel(
     ACT: tl.constexpr, FAST_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Any cell's entry (GRU, LSTM). h0 (and c0, with h0's strides, in aux's fp32 / fp64) come in rows padded like y's;
-    Xp and gates share strides, as y and aux do."""
-    step_fwd(p_xp, p_y, p_gates, p_aux, p_h0, p_c0, p_w, p_bias, p_hn, p_cn, p_len, s, T, B, H,
-             stride_x_t, stride_x_b, stride_y_t, stride_y_b, stride_y_d, stride_h0_d, stride_h0_b,
-             stride_w_d, stride_w_n, stride_w_k, CELL, HAS_BIAS, HAS_LENGTHS, REVERSE, ACT, FAST_TANH, PRECISION,
-             UPCAST, BB, BN, BK)
-
-
-@triton.jit
-def step_fwd(
-    p_xp, p_y, p_gates, p_aux, p_h0, p_c0, p_w, p_bias, p_hn, p_cn, p_len,
-    s, T, B, H,
-    stride_x_t, stride_x_b,
-    stride_y_t, stride_y_b, stride_y_d,
-    stride_h0_d, stride_h0_b,
-    stride_w_d, stride_w_n, stride_w_k,
-    CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
-    ACT: tl.constexpr, FAST_TANH: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    """One forward step of the program (i, j, d), for the cell CELL (the body of both entries)."""
+    """Any cell (the Elman entry calls it with CELL = 1). h0 (and c0, with h0's strides, in aux's fp32 /
+    fp64) come in rows padded like y's; Xp and gates share strides, as y and aux do."""
     G: tl.constexpr = CELL
     S: tl.constexpr = G + (G == 3)  # bias slots: GRU's n gate has two
     Hp = stride_y_d  # the padded row: every gate and direction block starts at a multiple of it
@@ -211,10 +196,11 @@ def elman_step_bwd_kernel(
 ):
     """The Elman cell's entry (CELL = 1): the backward reads only y (its own gates) and dz shares y's
     layout, so the gate, aux, h0, c0 and dc pointers are y's and dh's (never read or written)."""
-    step_bwd(p_dy, p_dh_next, p_dh_next, p_y, p_y, p_y, p_y, p_y, p_w, p_dz, p_dh, p_dh, p_len, s, T, B, H,
-             stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h, stride_y_t, stride_y_b, stride_y_d,
-             stride_y_t, stride_y_b, stride_y_t, stride_y_b, stride_dh_d, stride_dh_b, stride_dh_d, stride_dh_b,
-             stride_w_d, stride_w_n, stride_w_k, 1, HAS_LENGTHS, REVERSE, ACT, PRECISION, UPCAST, BB, BN, BK)
+    rnn_step_bwd_kernel(p_dy, p_dh_next, p_dh_next, p_y, p_y, p_y, p_y, p_y, p_w, p_dz, p_dh, p_dh, p_len, s, T, B, H,
+                        stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h, stride_y_t, stride_y_b, stride_y_d,
+                        stride_y_t, stride_y_b, stride_y_t, stride_y_b, stride_dh_d, stride_dh_b, stride_dh_d,
+                        stride_dh_b, stride_w_d, stride_w_n, stride_w_k, 1, HAS_LENGTHS, REVERSE, ACT, PRECISION,
+                        UPCAST, BB, BN, BK)
 
 
 @triton.jit(do_not_specialize=["s", "T"])
@@ -232,30 +218,9 @@ def rnn_step_bwd_kernel(
     ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
-    """Any cell's entry (GRU, LSTM). dh_next / dh (and dc_next / dc) are the (dirs, B, ·) fp32 (fp64) carry
-    buffers; dz has S slots per direction (strides stride_z_*), the gates Xp's layout (stride_x_*)."""
-    step_bwd(p_dy, p_dh_next, p_dc_next, p_y, p_h0, p_gates, p_aux, p_c0, p_w, p_dz, p_dh, p_dc, p_len, s, T, B, H,
-             stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h, stride_y_t, stride_y_b, stride_y_d,
-             stride_x_t, stride_x_b, stride_z_t, stride_z_b, stride_h0_d, stride_h0_b, stride_dh_d, stride_dh_b,
-             stride_w_d, stride_w_n, stride_w_k, CELL, HAS_LENGTHS, REVERSE, ACT, PRECISION, UPCAST, BB, BN, BK)
-
-
-@triton.jit
-def step_bwd(
-    p_dy, p_dh_next, p_dc_next, p_y, p_h0, p_gates, p_aux, p_c0, p_w, p_dz, p_dh, p_dc, p_len,
-    s, T, B, H,
-    stride_dy_t, stride_dy_b, stride_dy_d, stride_dy_h,
-    stride_y_t, stride_y_b, stride_y_d,
-    stride_x_t, stride_x_b,
-    stride_z_t, stride_z_b,
-    stride_h0_d, stride_h0_b,
-    stride_dh_d, stride_dh_b,
-    stride_w_d, stride_w_n, stride_w_k,
-    CELL: tl.constexpr, HAS_LENGTHS: tl.constexpr, REVERSE: tl.constexpr,
-    ACT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    """One backward step of the program (i, j, d), for the cell CELL (the body of both entries)."""
+    """Any cell (the Elman entry calls it with CELL = 1). dh_next / dh (and dc_next / dc) are the (dirs, B, ·)
+    fp32 (fp64) carry buffers; dz has S slots per direction (strides stride_z_*), the gates Xp's layout
+    (stride_x_*)."""
     G: tl.constexpr = CELL
     S: tl.constexpr = G + (G == 3)
     Hp = stride_y_d
