@@ -261,3 +261,39 @@ def test_storage_dtypes(cell, dtype, device):
         results.append(outs + list(torch.autograd.grad(loss, leaves)))
     for i, (a, b) in enumerate(zip(results[1], results[0])):
         assert a.dtype == dtype and rel_err(a, b) <= tol, i
+
+
+def test_autocast_runs_in_its_dtype(device):
+    """Under autocast the op runs in autocast's dtype (as ElmanRNN): bf16 outputs close to nn.LSTM's fp32."""
+    T, B, D, H = 3, 2, 4, 6
+    ref = nn.LSTM(D, H, device=device)
+    ours = LSTM(D, H, device=device, backend="stepwise")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(T, B, D, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y, (h, c) = ours(x)
+    y_ref, (h_ref, c_ref) = ref(x)
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16
+    for a, b in ((y, y_ref), (h, h_ref), (c, c_ref)):
+        assert rel_err(a, b) <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_cuda_auto_matches_float64(nn_cls, dtype):
+    """On CUDA, backend="auto" (the stepwise kernels for these cells), compiled for the GPU, at a shape with
+    several column tiles and both directions: values and every gradient against nn in float64."""
+    T, B, D, H = 7, 19, 24, 200
+    ref = nn_cls(D, H, bidirectional=True, dtype=F64, device="cuda")
+    ours = OURS[nn_cls](D, H, bidirectional=True, dtype=dtype, device="cuda")
+    ours.load_state_dict(ref.state_dict())
+    x64 = torch.randn(T, B, D, dtype=F64, device="cuda", requires_grad=True)
+    x = x64.detach().to(dtype).requires_grad_()
+    outs = [flat(ref(x64)), flat(ours(x))]
+    weights = [torch.randn_like(t) for t in outs[0]]
+    grads = [torch.autograd.grad(sum((w * t.double()).sum() for w, t in zip(weights, out)), [inp, *m.parameters()])
+             for out, inp, m in zip(outs, (x64, x), (ref, ours))]
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for a, b in zip(outs[1] + list(grads[1]), outs[0] + list(grads[0])):
+        assert rel_err(a, b) <= tol
