@@ -22,12 +22,28 @@ Variable lengths (lengths=(B,) ints): row b's steps t ≥ lengths[b] are padding
 they read and write no state, y there is 0, h_n is each row's state after its own last step, and a
 reverse row starts at its own end. No gathers, no copies of x or y.
 
-Double backward: when the backward itself is differentiated (create_graph=True), it runs as a
-differentiable PyTorch loop over the saved y instead of the kernels (see _differentiable_backward).
+Double backward: the reverse loop is itself a function (_RecurrenceBackward) whose derivatives are
+those of a differentiable PyTorch loop over the saved y (_differentiable_backward), recomputed only when
+a second derivative is asked for; the first backward always runs on the kernels.
+
+torch.func and forward-mode AD: _Recurrence has the functorch form (setup_context) with
+  - vmap: a vmapped dimension of the per-row inputs (x, h0, lengths; dy, dh_n in the backward) with
+    shared weights folds into B, one launch for every model's rows; vmapped weights (an ensemble) run
+    one model after the other (the kernels' grid has no model axis);
+  - jvp: the tangent recurrence as a PyTorch loop over the saved y (_tangent_loop).
+The GEMMs around the recurrence (dW_ih, dW_hh, db) are plain torch, so under vmap they stay per sample.
+auto on CPU, whose native kernel has no vmap rule, runs that kernel inside _Recurrence under these
+transforms ("native_recurrence"), so it folds the same way.
 
 Two entry points share the code: _Recurrence (an autograd.Function) eagerly, and the custom ops
-torch.ops.elman_triton.recurrence / .recurrence_backward under torch.compile.
+torch.ops.elman_triton.recurrence / .recurrence_backward under torch.compile, with the same autograd
+and vmap rules. torch.func under torch.compile runs the layer eagerly (a graph break): a custom op's
+autograd has no torch.func support (pytorch #168393). auto on CPU is a custom op under torch.compile
+too (elman_triton::native_layer), so the compiler neither unrolls PyTorch's RNN over T nor
+recompiles for a new T; the reference backend runs through torch's scan under torch.export.
 """
+from collections.abc import Sequence
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -43,8 +59,11 @@ BACKENDS = ("auto", "stepwise", "persistent", "reference")
 TRITON_BACKENDS = {"stepwise": stepwise, "persistent": persistent}
 
 
-def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, nonlinearity="tanh", backend="auto",
-              reverse=False, lengths=None, batch_first=False, state_grad_norms=None):
+def elman_rnn(x: torch.Tensor, h0: torch.Tensor | None, weight_ih: torch.Tensor, weight_hh: torch.Tensor,
+              bias_ih: torch.Tensor | None = None, bias_hh: torch.Tensor | None = None, *, nonlinearity: str = "tanh",
+              backend: str = "auto", reverse: bool = False, lengths: torch.Tensor | None = None,
+              batch_first: bool = False,
+              state_grad_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One Elman RNN layer, one direction: h_t = act(x_t W_ihᵀ + b_ih + h_{t∓1} W_hhᵀ + b_hh).
 
     x: (T, B, D), or (B, T, D) with batch_first; T ≥ 1 (B = 0 gives empty outputs, as in nn.RNN).
@@ -81,8 +100,12 @@ def elman_rnn(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, nonlin
     return y, h_n[0]
 
 
-def elman_rnn_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, nonlinearity="tanh",
-                    backend="auto", reverse=False, lengths=None, batch_first=False, state_grad_norms=None):
+def elman_rnn_layer(x: torch.Tensor, h0: torch.Tensor | None, weights_ih: Sequence[torch.Tensor],
+                    weights_hh: Sequence[torch.Tensor], biases_ih: Sequence[torch.Tensor] | None = None,
+                    biases_hh: Sequence[torch.Tensor] | None = None, *, nonlinearity: str = "tanh",
+                    backend: str = "auto", reverse: bool = False, lengths: torch.Tensor | None = None,
+                    batch_first: bool = False,
+                    state_grad_norms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One Elman RNN layer with one or two directions, run together (one launch per pass).
 
     weights_ih / weights_hh / biases_*: sequences with one tensor per direction, in torch.nn.RNN's
