@@ -173,8 +173,26 @@ def best_time_us(fn, repeats, number, clock=time.perf_counter):
     return best * 1e6
 
 
-def measure(level, repeats=15, clock=time.perf_counter):
-    """{figure name: µs} for one level."""
+def calls_per_call(fn, number=50):
+    """Python and C function calls per call of fn, as sys.setprofile sees them: a figure that other work
+    on the machine cannot move, for comparing launchers where timings are noisy."""
+    fn()
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        count += event in ("call", "c_call")
+    sys.setprofile(profile)
+    try:
+        for _ in range(number):
+            fn()
+    finally:
+        sys.setprofile(None)
+    return count / number
+
+
+def measure(level, repeats=15, clock=time.perf_counter, calls=False):
+    """{figure name: µs} for one level (and function calls per persistent call with calls=True)."""
     from elman_triton import persistent, stepwise
     results = {}
     with fake_gpu(level):
@@ -188,6 +206,8 @@ def measure(level, repeats=15, clock=time.perf_counter):
             fn = getattr(persistent, f"{direction}_recurrence")
             args = problem(T_SHORT, fn)
             results[f"persistent large-H {direction}, per call"] = best_time_us(bind(fn, **args), repeats, 200, clock)
+            if calls:
+                results[f"persistent large-H {direction}, function calls per call"] = calls_per_call(bind(fn, **args))
     return results
 
 
@@ -219,6 +239,7 @@ def main(argv=None):
     parser.add_argument("--level", choices=[*LEVELS, "both"], default="both")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall clock or this process's CPU time")
+    parser.add_argument("--calls", action="store_true", help="also count function calls per persistent call")
     parser.add_argument("--root", help="a checkout whose elman_triton to time (default: the importable one)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -227,7 +248,7 @@ def main(argv=None):
         use_checkout(os.path.abspath(args.root))
     import elman_triton
     levels = list(LEVELS) if args.level == "both" else [args.level]
-    by_level = {level: measure(level, args.repeats, CLOCKS[args.clock]) for level in levels}
+    by_level = {level: measure(level, args.repeats, CLOCKS[args.clock], args.calls) for level in levels}
     print(f"B={B}, H={H}, {str(DTYPE).replace('torch.', '')}; elman_triton from "
           f"{os.path.dirname(elman_triton.__file__)}, kernels from {os.path.dirname(sys.modules['elman_triton.kernels'].__file__)}; "
           f"torch {torch.__version__}, triton {__import__('triton').__version__}; {args.clock} clock, load average "
