@@ -361,6 +361,14 @@ def test_interpreter_is_turned_on_only_without_a_gpu(monkeypatch):
     assert os.environ.get("TRITON_INTERPRET") == (None if CUDA else "1")
 
 
+def test_the_suite_ships_as_elman_triton_bench():
+    """pyproject maps benchmarks/ to elman_triton.bench and names the elman-bench command, so an install
+    (regular or editable) runs the suite from any folder."""
+    text = (REPO / "pyproject.toml").read_text()
+    assert '"elman_triton.bench" = "benchmarks"' in text and '"elman_triton.bench"]' in text
+    assert 'elman-bench = "elman_triton.bench.__main__:main"' in text
+
+
 @pytest.mark.skipif(importlib.util.find_spec("elman_triton.bench") is None,
                     reason="installed before benchmarks/ shipped as elman_triton.bench: pip install -e .")
 def test_runs_from_any_folder(tmp_path):
