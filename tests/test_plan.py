@@ -1,7 +1,8 @@
 """The persistent launcher's GPU contact, tested on CPU with the compiled kernels faked: the co-residency
 plan comes from the kernel that is launched (its own specialisation: lengths or not, alignment), the
 shared memory the hardware reserves per block counts, "auto" follows the plan, a plan is built once per
-call shape, and the barrier's error word is read back lazily. A GPU test runs the case that broke."""
+call shape, the barrier's error word is read back lazily, and every launch chooses fp fusion. A GPU test
+runs the case that broke."""
 import random
 from types import SimpleNamespace
 
@@ -28,8 +29,8 @@ class FakeCompiled(SimpleNamespace):
 
 
 class FakeKernel:
-    """A large-H kernel whose compiles take registers from regs(meta) (the real bf16 forward at BH = 1024:
-    127 without lengths, 206 with), and whose launches, direct or through kernel[grid], are recorded."""
+    """A large-H kernel whose compiles take registers from regs(meta) (the real bf16 forward at BH = 1024
+    takes 127 without lengths, 206 with), and whose launches, direct or through kernel[grid], are recorded."""
 
     def __init__(self, kernel, regs, shared=65536):
         self.arg_names, self.__name__ = kernel.arg_names, kernel.__name__
@@ -50,7 +51,7 @@ def regs_by_lengths(meta):
 
 
 @pytest.fixture
-def gpu(monkeypatch):
+def fake_gpu(monkeypatch):
     """The launcher as on a GPU with `sms` SMs: no interpreter, torch.cuda's stream, capture and events and
     Triton's device properties faked, the large-H kernels replaced by FakeKernels."""
     state = SimpleNamespace(sms=SMS, capturing=False, events=[], done=True)
@@ -110,7 +111,7 @@ def launched(kernel):
     return out
 
 
-def test_plan_follows_the_launched_kernels_lengths(gpu):
+def test_plan_follows_the_launched_kernels_lengths(fake_gpu):
     """Bidirectional, B = 64 (4 batch tiles), H = 1024: 64 column programs of 256 threads. Without lengths
     (128 registers) an H200 holds 2 × 132 programs: both directions, 2 barrier groups each. With lengths
     the kernel needs 208 registers, 1 program per SM: both directions in 1 group, or the cooperative
@@ -125,7 +126,7 @@ def test_plan_follows_the_launched_kernels_lengths(gpu):
     assert meta["launch_cooperative_grid"] and meta["USE_BARRIER"] and meta["enable_fp_fusion"]
 
 
-def test_auto_follows_the_plan_with_lengths(gpu):
+def test_auto_follows_the_plan_with_lengths(fake_gpu):
     """H = 2048: 128 column programs of 512 threads. 128 registers: 1 per SM, 132 ≥ 128, persistent fits;
     136 with lengths: none fits, so "auto" must take stepwise for calls with lengths, and for calls it
     does not know about."""
@@ -141,37 +142,37 @@ def test_auto_follows_the_plan_with_lengths(gpu):
     compiles = len(fwd.compiles)
     persistent.fits(lay, torch.bfloat16, cuda, OPTS)
     assert len(fwd.compiles) == compiles  # cached: no warmup per call
-    gpu.sms = 40  # a MIG slice: nothing fits, with or without lengths
+    fake_gpu.sms = 40  # a MIG slice: nothing fits, with or without lengths
     forget_the_device()
     assert not persistent.fits(lay, torch.bfloat16, cuda, OPTS, has_lengths=False)
 
 
-def test_shared_memory_reserved_per_block_counts(gpu):
+def test_shared_memory_reserved_per_block_counts(fake_gpu):
     """113.5 KiB per program: two fit in 227 KiB by Triton's figure, but each block also takes the 1 KiB
     the hardware reserves, and 2 × 114.5 KiB > 228 KiB."""
     compiled = FakeCompiled(n_regs=32, metadata=SimpleNamespace(shared=116224))
     assert persistent._coresident_programs(compiled, torch.device("cuda", 0), num_warps=4) == SMS
 
 
-def test_grid_shrinks_with_the_device(gpu):
+def test_grid_shrinks_with_the_device(fake_gpu):
     """64 column programs, 4 batch tiles, both directions, 128 registers: 264 co-resident programs hold
     both directions' 128 in 2 groups; 200 hold them once; 100 run the directions one launch after the
     other; 40 cannot hold 64 and the call says so."""
     fwd = persistent.elman_persistent_large_fwd_kernel
     for sms, grids in ((132, [(64, 2, 2)]), (100, [(64, 1, 2)]), (50, [(64, 1, 1)] * 2)):
-        gpu.sms = sms
+        fake_gpu.sms = sms
         forget_the_device()
         forward(64, 1024)
         assert [grid for grid, _ in launched(fwd)] == grids
         lay = Layout(T=8, B=64, H=1024, dirs=2, stride_t=64 * 2048, stride_b=2048, batch_first=False, reverse=False)
         assert persistent.sequential_directions(lay, torch.bfloat16, torch.device("cuda", 0), OPTS) == (sms == 50)
-    gpu.sms = 20
+    fake_gpu.sms = 20
     forget_the_device()
     with pytest.raises(RuntimeError, match="needs 64 co-resident programs but this GPU holds 40"):
         forward(64, 1024)
 
 
-def test_a_plan_is_built_once_per_call_shape_and_alignment(gpu):
+def test_a_plan_is_built_once_per_call_shape_and_alignment(fake_gpu):
     """Later calls with new tensors reuse the compile and grid; a pointer that is not 16-byte aligned is
     another specialisation for Triton, so it gets a compile of its own (the alignment guard)."""
     fwd = persistent.elman_persistent_large_fwd_kernel
@@ -185,13 +186,13 @@ def test_a_plan_is_built_once_per_call_shape_and_alignment(gpu):
     assert len(fwd.compiles) == 2
 
 
-def test_error_word_is_read_lazily(gpu, monkeypatch):
+def test_error_word_is_read_lazily(fake_gpu, monkeypatch):
     """No copy or event per launch: one read in flight at most, at most one per ERROR_READ_INTERVAL_S;
     a read that finds the word set raises at a later call, naming what ran, and drops the buffer."""
     monkeypatch.setattr(persistent, "ERROR_READ_INTERVAL_S", 3600.0, raising=False)
     for _ in range(20):
         forward(16, 1024, dirs=1)
-    assert len(gpu.events) == 1 and len(persistent._PENDING) == 1
+    assert len(fake_gpu.events) == 1 and len(persistent._PENDING) == 1
     [(_, flag, words, _)] = persistent._PENDING
     flag[0] = barrier.ERROR_TIMEOUT.value
     persistent._reads.due = 0.0
@@ -203,7 +204,7 @@ def test_error_word_is_read_lazily(gpu, monkeypatch):
     assert persistent._PLANS and all(plan.words is not words for plan in persistent._PLANS.values())
 
 
-def test_check_errors_stops_at_the_first_read_not_complete(gpu):
+def test_check_errors_stops_at_the_first_read_not_complete(fake_gpu):
     """Reads complete in order: behind one still running, none is looked at (so the check costs the same
     however far the CPU runs ahead); wait=True takes them all."""
     running = SimpleNamespace(query=lambda: False, synchronize=lambda: None)
@@ -219,7 +220,7 @@ def test_check_errors_stops_at_the_first_read_not_complete(gpu):
     assert persistent._PENDING == []
 
 
-def test_wait_reads_every_buffer_now(gpu):
+def test_wait_reads_every_buffer_now(fake_gpu):
     """check_errors(wait=True) needs no read in flight: it reads each buffer's sticky word itself."""
     forward(16, 1024, dirs=1)
     persistent._PENDING.clear()
@@ -231,7 +232,7 @@ def test_wait_reads_every_buffer_now(gpu):
     assert not persistent._BARRIER_WORDS
 
 
-def test_captured_launches_own_their_buffers(gpu):
+def test_captured_launches_own_their_buffers(fake_gpu):
     """Inside a CUDA-graph capture each launch gets a zeroed buffer of its own, never the eager one, and
     queues no read; eager calls after it keep theirs."""
     fwd = persistent.elman_persistent_large_fwd_kernel
@@ -239,15 +240,15 @@ def test_captured_launches_own_their_buffers(gpu):
     [plan] = persistent._PLANS.values()
     eager = plan.words
     fwd.launches.clear()
-    gpu.capturing = True
+    fake_gpu.capturing = True
     forward(16, 1024, dirs=1)
     forward(16, 1024, dirs=1)
-    n_tensors = 7
+    n_tensors = 7  # the forward's tensor arguments; the barrier buffer follows them
     captured = [args[n_tensors] for _, args, _ in fwd.launches]
     assert len(captured) == 2 and captured[0] is not captured[1] and all(w is not eager for w in captured)
     assert persistent._CAPTURED_WORDS == captured and all(not w.any() for w in captured)
-    assert len(gpu.events) == 1  # the eager call's read only
-    gpu.capturing = False
+    assert len(fake_gpu.events) == 1  # the eager call's read only
+    fake_gpu.capturing = False
     fwd.launches.clear()
     forward(16, 1024, dirs=1)
     assert fwd.launches[0][1][n_tensors] is eager
