@@ -7,7 +7,7 @@ from . import interpret_without_gpu
 
 def main():
     as_module = __name__ == "__main__"  # python -m ..., else the elman-bench script
-    if interpret_without_gpu():
+    if interpret_without_gpu() and not {"-h", "--help"} & set(sys.argv[1:]):
         # `python -m elman_triton.bench` and elman-bench import elman_triton (this package's parent) before
         # this line, too early for the interpreter: start again, with TRITON_INTERPRET=1 set from the start.
         sys.stdout.flush()
