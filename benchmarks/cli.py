@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 # copy writes under the current folder instead of into site-packages.
 RESULTS = HERE / "results" if (HERE.parent / "pyproject.toml").exists() else Path("elman-bench-results")
 
-# quick differs per device: on CPU it is a smoke test that must finish in well under two minutes.
+# quick differs per device: on CPU it is a smoke test that must finish in under a minute on 2 cores.
 PRESETS = {
     "quick": {"cpu": dict(dtype=["fp32"], batch=[1, 8], hidden=[32, 64], seq=[32]),
               "cuda": dict(dtype=["bf16"], batch=[1, 16], hidden=[256, 1024], seq=[256])},
@@ -51,8 +51,8 @@ def parse_args(argv, prog="python -m benchmarks"):
                "Any flag below overrides the preset's value. Exit status 1 if one of this project's "
                "providers fails verification.")
     preset = parser.add_mutually_exclusive_group()
-    for name, text in (("quick", "smoke-test sizes (the default; about half a minute on a 2-core CPU)"), ("standard", "the target grid"),
-                       ("full", "every dtype, batch, hidden size and length")):
+    for name, text in (("quick", "smoke-test sizes (the default; about half a minute on a 2-core CPU)"),
+                       ("standard", "the target grid"), ("full", "every dtype, batch, hidden size and length")):
         preset.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=text)
     parser.add_argument("--dtype", nargs="+", choices=list(DTYPES))
     parser.add_argument("--batch", nargs="+", type=int, metavar="B")
@@ -134,7 +134,7 @@ def _run(args, argv, prog, device):
     interpreted = []
     if not gpu:
         interpreted = (interpreter_checks(providers, args.nonlinearity, args.seed)
-                       + interpreter_module_checks(providers, args.seed))
+                       + interpreter_module_checks(providers, args.nonlinearity, args.seed))
     dtypes = {name: DTYPES[name] for name in sorted({s.dtype for s in shapes})}
     machine = machine_figures(device, dtypes, make_timer(device, args.rep_ms))
 

@@ -275,7 +275,7 @@ def same_kernel_providers(rows):
 
 
 def interpreter_summary(interpreter_rows):
-    """'k/n passed (providers)' over the interpreter rows that ran, or None when none did."""
+    """'k/n checks passed: provider (kernel), …' over the interpreter rows that ran, or None when none did."""
     ran = [r for r in interpreter_rows if r["status"] in ("passed", "failed")]
     if not ran:
         return None
@@ -290,8 +290,9 @@ def interpreter_markdown(interpreter_rows):
     out = ["## Triton kernels in Triton's interpreter (CPU)", "",
            "Without a GPU the Triton kernels are not timed; each is run through the interpreter at tiny shapes "
            "and checked against float64 (y, h_n and, in training, every gradient). Correctness only.", "",
-           (interpreter_summary(interpreter_rows) or "No check ran.") + "", "",
-           "| check | provider | kernel | mode | dtype | T | B | H | D | status | err y | err h_n | err grad | reason |",
+           interpreter_summary(interpreter_rows) or "No check ran.", "",
+           "| check | provider | kernel | mode | dtype | T | B | H | D | status | err y | err h_n | err grad "
+           "| reason |",
            "|---" * 14 + "|"]
     out += [f"| {r['check']} | {r['provider']} | {r['kernel']} | {r['mode']} | {r['dtype']} | {r['T']} | {r['B']} "
             f"| {r['H']} | {r['D']} | {r['status']} | {_fmt(r.get('err_y'))} | {_fmt(r.get('err_h_n'))} "

@@ -85,13 +85,20 @@ def verify(provider, problem, ref, training, tol):
             errors = {"err_y": rel_err(y, ref.y), "err_h_n": rel_err(h_n, ref.h_n)}
             per_input = {name: float("inf") if t.grad is None else rel_err(t.grad, g)
                          for name, t, g in zip(ARG_NAMES, problem.args, ref.grads)}
-            worst = max(per_input, key=lambda name: per_input[name])
-            errors["err_grad"] = per_input[worst]
     except Exception as e:
         return {"passed": False, "reason": f"raised {one_line(e)}"}
     finally:
         for t in problem.args:
             t.grad = None
+    return judge(errors, tol, per_input if training else None)
+
+
+def judge(errors, tol, per_grad=None):
+    """errors ({'err_y': …, 'err_h_n': …}) with 'passed' and 'reason' added; per_grad ({name: error}
+    of each gradient) adds its worst as 'err_grad', named in the reason when it is too big."""
+    worst = max(per_grad, key=per_grad.get) if per_grad else None
+    if worst:
+        errors = {**errors, "err_grad": per_grad[worst]}
     too_big = [f"{k}={v:.2e}" + (f" ({worst})" if k == "err_grad" else "")
                for k, v in errors.items() if not v <= tol]  # `not <=` also catches NaN
     reason = f"error above tolerance {tol:g}: {', '.join(too_big)}" if too_big else None
@@ -271,7 +278,7 @@ def interpreter_checks(providers, nonlinearity="tanh", seed=0):
         for p, (mode, training) in itertools.product(triton_providers, INTERPRETER_MODES.items()):
             row = {"check": "layer", "provider": p.name, "kernel": interpreter_kernel(p, shape), "mode": mode,
                    **asdict(shape), "tolerance": TOLERANCE[shape.dtype]}
-            blocked = _interpreter_blocked(p, shape, device)
+            blocked = interpreter_blocked(p, shape, device)
             if blocked:
                 row["status"], row["reason"] = blocked
             else:
@@ -282,7 +289,7 @@ def interpreter_checks(providers, nonlinearity="tanh", seed=0):
     return rows
 
 
-def _interpreter_blocked(provider, shape, device):
+def interpreter_blocked(provider, shape, device):
     """(status, reason) when provider is not checked in the interpreter at shape, else None."""
     if provider.no_interpreter:
         return "needs_gpu", provider.no_interpreter

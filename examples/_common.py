@@ -91,7 +91,8 @@ def smoke_note(args, recorded=None, shows_point=True):
     shows_point=False where the small run cannot show the example's point, and the note says so."""
     if not args.quick:
         return None
-    note = f"smoke run (--quick): small sizes, {plural(torch.get_num_threads(), 'CPU thread')}; it shows the example runs"
+    threads = plural(torch.get_num_threads(), "CPU thread")
+    note = f"smoke run (--quick): small sizes, {threads}; it shows the example runs"
     if recorded and not shows_point:
         return note + f", not its result: see the recorded full run, {RESULTS}/{recorded}"
     return note + (f"; the recorded full run: {RESULTS}/{recorded}" if recorded else "")

@@ -184,6 +184,27 @@ def test_failures_are_reported_and_not_timed():
     assert by["wrong", "fwd_bwd"]["err_grad"] > 0.05
 
 
+def test_interpreter_checks_report_a_wrong_kernel(tmp_path, capsys):
+    """A Triton provider that is wrong fails its interpreter rows (every shape, inference and training) and
+    the run's exit status; one that cannot run in the interpreter says why; the others are not checked."""
+    from elman_triton.config import INTERPRETED
+    wrong = _fake("wrong", _scaled_reference, triton=True, ours=True)
+    graph = _fake("graph", PROVIDERS["eager"].build, triton=True, no_interpreter="needs a CUDA graph")
+    rows = sweep.interpreter_checks([PROVIDERS["eager"], wrong, graph])
+    assert len(rows) == 2 * 2 * len(sweep.INTERPRETER_SHAPES)
+    for r in rows:
+        if r["provider"] == "graph":
+            assert r["status"] == "needs_gpu" and r["reason"] == "needs a CUDA graph"
+        elif INTERPRETED:
+            assert r["status"] == "failed" and r["err_y"] > 0.05 and "tolerance" in r["reason"]
+            assert (r["mode"] == "training") == (r.get("err_grad", 0) > 0.05)
+        else:  # a GPU process: its kernels are compiled, not interpreted
+            assert r["status"] == "not_run"
+    status = cli.report_to_stdout([], [], [wrong], tmp_path, [], torch.device("cpu"), interpreted=rows)
+    assert status == (1 if INTERPRETED else 0)
+    assert ("FAILED: interpreter layer wrong" in capsys.readouterr().out) == INTERPRETED
+
+
 def test_exit_status_is_1_when_our_provider_fails_verification(tmp_path, monkeypatch):
     monkeypatch.setitem(cli.PROVIDERS, "auto", dataclasses.replace(PROVIDERS["auto"], build=_scaled_reference))
     status = cli.main(["--out", str(tmp_path), *TINY, "--providers", "eager", "auto", "--modes", "forward"])
@@ -345,7 +366,8 @@ def test_runs_without_the_bench_extras(monkeypatch, tmp_path, capsys):
                        "--no-module-rows"])
     assert status == 0 and (tmp_path / "summary.md").exists() and not list(tmp_path.glob("*.png"))
     # a GPU run has nothing to plot with; a CPU run plots nothing anyway
-    assert ("no plots (matplotlib is not installed)" if CUDA else f"no plots ({report.CPU_NOTE})") in capsys.readouterr().out
+    expected = "no plots (matplotlib is not installed)" if CUDA else f"no plots ({report.CPU_NOTE})"
+    assert expected in capsys.readouterr().out
     assert torch.get_num_threads() == threads  # the CPU run's one thread does not outlive it
 
 
