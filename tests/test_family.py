@@ -8,10 +8,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from elman_triton import stepwise
 from elman_triton.family import GRU, LSTM, GRUCell, LSTMCell
 from elman_triton.family_ops import gru, gru_layer, lstm, lstm_layer
 from elman_triton.reference import gru_reference, lstm_reference
-from utils import rel_err
+from utils import count_launches, rel_err
 
 F64 = torch.float64
 TOL = 1e-12  # float64, as utils.TOLERANCE
@@ -84,7 +85,8 @@ def test_module_matches_nn(nn_cls, case, backend, device):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
 def test_packed_sequence(nn_cls, backend, device):
-    """Unsorted lengths, both directions, no hx: PackedSequence out, h_n (c_n) each row's own last state."""
+    """Unsorted lengths, both directions, without and with hx (permuted like the rows): PackedSequence out,
+    h_n (c_n) each row's own last state."""
     T, B, D, H = 5, 4, 3, 7
     ref, ours = twins(nn_cls, backend, device, input_size=D, hidden_size=H, bidirectional=True)
     lengths = torch.tensor([3, 5, 1, 4])
@@ -92,6 +94,11 @@ def test_packed_sequence(nn_cls, backend, device):
     def inputs():
         return (pack_padded_sequence(rand(T, B, D, device=device), lengths, enforce_sorted=False),)
     assert_same(ref, ours, inputs)
+
+    def inputs_with_hx():
+        h0 = rand(2, B, H, device=device)
+        return inputs() + ((h0, rand(2, B, H, device=device)) if nn_cls is nn.LSTM else h0,)
+    assert_same(ref, ours, inputs_with_hx)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -297,3 +304,17 @@ def test_cuda_auto_matches_float64(nn_cls, dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
     for a, b in zip(outs[1] + list(grads[1]), outs[0] + list(grads[0])):
         assert rel_err(a, b) <= tol
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_one_launch_per_step_for_both_directions(monkeypatch, cell, device):
+    """A bidirectional layer on the stepwise backend: T forward and T backward launches in all, both
+    directions sharing each (the grid's third axis)."""
+    fwd, bwd = count_launches(monkeypatch, stepwise, "rnn_step_fwd_kernel", "rnn_step_bwd_kernel")
+    T, B, D, H, G = 3, 2, 2, 4, 4 if cell == "lstm" else 3
+    weights = [[rand(G * H, n, device=device) for _ in range(2)] for n in (D, H)]
+    x = rand(T, B, D, device=device)
+    run = lstm_layer if cell == "lstm" else gru_layer
+    y = run(x, None, *weights, backend="stepwise")[0]
+    y.sum().backward()
+    assert (fwd.launches, bwd.launches) == (T, T)
