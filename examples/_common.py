@@ -91,8 +91,8 @@ def smoke_note(args, recorded=None, shows_point=True):
     shows_point=False where the small run cannot show the example's point, and the note says so."""
     if not args.quick:
         return None
-    threads = plural(torch.get_num_threads(), "CPU thread")
-    note = f"smoke run (--quick): small sizes, {threads}; it shows the example runs"
+    where = plural(torch.get_num_threads(), "CPU thread") if args.device == "cpu" else args.device
+    note = f"smoke run (--quick): small sizes, {where}; it shows the example runs"
     if recorded and not shows_point:
         return note + f", not its result: see the recorded full run, {RESULTS}/{recorded}"
     return note + (f"; the recorded full run: {RESULTS}/{recorded}" if recorded else "")
