@@ -179,6 +179,22 @@ def test_functional_ops_match_references(device):
     assert max(rel_err(a, b) for a, b in ((y, y_ref), (h, h_ref))) <= TOL
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reverse_batch_first_ops(backend, device):
+    """reverse=True with batch_first on every backend ("auto" on CPU: torch.lstm / torch.gru on the flipped
+    input) against the references run time-major."""
+    T, B, D, H = 3, 2, 4, 5
+    x, h0, c0 = rand(B, T, D, device=device), rand(B, H, device=device), rand(B, H, device=device)
+    lw = [rand(4 * H, D, device=device), rand(4 * H, H, device=device), rand(4 * H, device=device), None]
+    gw = [rand(3 * H, D, device=device), rand(3 * H, H, device=device), None, rand(3 * H, device=device)]
+    y, (h, c) = lstm(x, (h0, c0), *lw, backend=backend, reverse=True, batch_first=True)
+    y_ref, h_ref, c_ref = lstm_reference(x.transpose(0, 1), h0, c0, *lw, reverse=True)
+    assert max(rel_err(a, b) for a, b in ((y, y_ref.transpose(0, 1)), (h, h_ref), (c, c_ref))) <= TOL
+    y, h = gru(x, h0, *gw, backend=backend, reverse=True, batch_first=True)
+    y_ref, h_ref = gru_reference(x.transpose(0, 1), h0, *gw, reverse=True)
+    assert max(rel_err(a, b) for a, b in ((y, y_ref.transpose(0, 1)), (h, h_ref))) <= TOL
+
+
 @pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell],
                          ids=["LSTM", "GRU", "LSTMCell", "GRUCell"])
 def test_state_dicts_both_ways(nn_cls):
