@@ -539,8 +539,9 @@ def check_errors(device=None, wait=False):
         if flag.item():
             _timed_out(words, what)
     if wait:
-        for words in list(_BARRIER_WORDS.values()) + (
-                [] if torch.cuda.is_current_stream_capturing() else _CAPTURED_WORDS):
+        # A CPU-only torch raises on the capture query itself (and nothing can be captured there).
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        for words in list(_BARRIER_WORDS.values()) + ([] if capturing else _CAPTURED_WORDS):
             if device is None or words.device == device:
                 if words.device.type == "cuda":
                     torch.cuda.synchronize(words.device)
