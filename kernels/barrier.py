@@ -7,10 +7,20 @@ groups polling different words never share a cache line.
 flip (the default; the scheme of CUDA cooperative groups' grid sync). Arrival is one fire-and-forget
 release reduction: program 0 of the group adds 0x80000000 − (n − 1), every other program adds 1.
 After all n arrivals the word has grown by exactly 0x80000000 (mod 2^32): its top bit has flipped
-and the low bits are back where they were. Waiters poll the word with relaxed loads until the top
-bit differs from the one they started with, then make one acquire load, which synchronises with
-every arrival's release. A program knows the current top bit without reading the word at each
-barrier: it reads it once before its first barrier (read_phase) and flips its copy after each.
+and the low bits are back where they were. The top bit flips at the n-th arrival, never earlier,
+only while the low 31 bits are 0 at the start of the barrier: with low bits L > 0 it flips up to L
+arrivals early (program 0 first: L − (n − 1) + k reaches 0 at k = n − 1 − L), and near 2^31 the 1s
+alone carry into it. What the kernels guarantee instead of "any word": every word starts at 0 (the
+launcher zeroes new buffers) and every completed barrier leaves the low bits as it found them, so
+they are 0 at every barrier. A launch that timed out leaves its words half-arrived; the launcher
+drops that buffer and never reuses it.
+Waiters poll the word with acquire loads, as cooperative groups does, until the top bit differs from
+the one they started with: the poll that sees it synchronises with every arrival's release. On sm_90
+an acquire poll is `LDG.E.STRONG.GPU` + `CCTL.IVALL` (an L1 invalidate), no more round trips than a
+relaxed one. (A single acquire after relaxed polls, written as atomic_add(p, 0) with its result
+unused, is erased by Triton 3.6/3.9: tests/compile_sm90.py checks the acquire is in the poll loop.)
+A program knows the current top bit without reading the word at each barrier: it reads it once
+before its first barrier (read_phase) and flips its copy after each.
 
 count (the previous scheme, kept so one GPU run can measure both): the low 16 bits count arrivals and
 the high 16 bits hold a generation. Each program adds 1 with an acq_rel atomic (a round trip); the
@@ -24,9 +34,12 @@ Never hanging: every wait polls at most `patience` times. A program that runs ou
 finishes quickly with garbage that the launcher then refuses: it reads the error word and raises.
 The launcher's bound (persistent.MAX_POLLS) is far beyond any real step; see there.
 
-Triton runs a scalar atomic or load in one thread and broadcasts the result through shared memory;
-tl.debug_barrier() on both sides orders the other threads' memory accesses of the step around the
-arrival and the exit.
+Triton runs a scalar atomic or load in one thread and broadcasts the result through shared memory
+between two bar.syncs (each poll pays them; Triton offers no way for the other threads to skip them).
+tl.debug_barrier() before the arrival orders every thread's accesses of the step before it. No
+second one is needed at the exit: the other threads read the acquire's result (the last poll, or the
+count scheme's acq_rel arrival) after the bar.sync that follows it, so their reads of the next step
+come after the acquire.
 """
 import triton
 import triton.language as tl
@@ -59,12 +72,13 @@ def group_barrier(p_word, p_error, rank, n_programs, phase, patience, FLIP: tl.c
     if FLIP:
         increment = tl.where(rank == 0, TOP_BIT - (n_programs - 1), 1)
         tl.atomic_add(p_word, increment, sem="release")
-        waiting = (tl.atomic_add(p_word, 0, sem="relaxed") & TOP_BIT) == phase
+        # Acquire polls: the poll that sees the flip is the acquire (a separate acquire whose result
+        # went unused would be erased by Triton; tests/compile_sm90.py checks the PTX keeps it).
+        waiting = (tl.atomic_add(p_word, 0, sem="acquire") & TOP_BIT) == phase
         polls = 0
         while waiting & (polls < patience):
             polls += 1
-            waiting = (tl.atomic_add(p_word, 0, sem="relaxed") & TOP_BIT) == phase
-        tl.atomic_add(p_word, 0, sem="acquire")  # one acquire after the loop orders the reads that follow
+            waiting = (tl.atomic_add(p_word, 0, sem="acquire") & TOP_BIT) == phase
         next_phase = phase ^ TOP_BIT
     else:
         arrived = tl.atomic_add(p_word, 1, sem="acq_rel") & FIELD_MASK
@@ -83,7 +97,6 @@ def group_barrier(p_word, p_error, rank, n_programs, phase, patience, FLIP: tl.c
         if patience > 0:
             tl.atomic_or(p_error, ERROR_TIMEOUT, sem="relaxed")
         patience = 0
-    tl.debug_barrier()
     return next_phase, patience
 
 
