@@ -89,8 +89,9 @@ class LSTM(nn.RNNBase):
                                                                        None if hx is None else hx[0]))
             if hx is not None:
                 layers = self.num_layers * num_directions
-                self.check_hidden_size(hx[0], (layers, batch.size, real_hidden_size), "Expected hidden[0] size {}, got {}")
-                self.check_hidden_size(hx[1], (layers, batch.size, self.hidden_size), "Expected hidden[1] size {}, got {}")
+                for i, width in enumerate((real_hidden_size, self.hidden_size)):
+                    message = "Expected hidden[%d] size {}, got {}" % i  # nn.LSTM's message
+                    self.check_hidden_size(hx[i], (layers, batch.size, width), message)
             x = batch.pad(data)
         else:
             if input.dim() not in (2, 3):

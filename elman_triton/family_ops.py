@@ -249,7 +249,8 @@ class _CellRecurrence(torch.autograd.Function):
 @torch.library.custom_op("elman_triton::cell_recurrence", mutates_args=())
 def _cell_recurrence_op(xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                         bias: torch.Tensor | None, lengths: torch.Tensor | None, G: int, reverse: bool,
-                        batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                    torch.Tensor]:
     return _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first)
 
 
@@ -324,7 +325,8 @@ def _torch_native(cell, x, h0, c0, weights_ih, weights_hh, biases_ih, biases_hh,
     for d in range(dirs):
         params += [weights_ih[d], weights_hh[d]]
         if has_bias:
-            params += [b[d] if b is not None else weights_hh[d].new_zeros(GATES[cell] * H) for b in (biases_ih, biases_hh)]
+            params += [b[d] if b is not None else weights_hh[d].new_zeros(GATES[cell] * H)
+                       for b in (biases_ih, biases_hh)]
         if weights_hr is not None:
             params.append(weights_hr[d])
     h0 = x.new_zeros(dirs, B, P) if h0 is None else h0
@@ -366,7 +368,8 @@ def _check_inputs(cell, x, h0, c0, weights_ih, weights_hh, biases_ih, biases_hh,
         raise ValueError(f"x must have T ≥ 1, got shape {tuple(x.shape)}")
     dirs, G = len(weights_hh), GATES[cell]
     if dirs not in (1, 2) or len(weights_ih) != dirs:
-        raise ValueError(f"expected one or two directions' weights, got {len(weights_ih)} weight_ih and {dirs} weight_hh")
+        raise ValueError(f"expected one or two directions' weights, got {len(weights_ih)} weight_ih and {dirs} "
+                         "weight_hh")
     w = weights_hh[0]
     if w.dim() != 2 or w.shape[0] % G:
         raise ValueError(f"weight_hh must be ({G}·H, {'P' if cell == 'lstm' else 'H'}), got shape {tuple(w.shape)}")
@@ -380,7 +383,8 @@ def _check_inputs(cell, x, h0, c0, weights_ih, weights_hh, biases_ih, biases_hh,
     for d in range(dirs):
         suffix = "" if dirs == 1 else f" (direction {d})"
         expected = {"weight_ih": (weights_ih, (G * H, D)), "weight_hh": (weights_hh, (G * H, P)),
-                    "bias_ih": (biases_ih, (G * H,)), "bias_hh": (biases_hh, (G * H,)), "weight_hr": (weights_hr, (P, H))}
+                    "bias_ih": (biases_ih, (G * H,)), "bias_hh": (biases_hh, (G * H,)),
+                    "weight_hr": (weights_hr, (P, H))}
         for name, (tensors, shape) in expected.items():
             if tensors is None:
                 continue

@@ -13,7 +13,8 @@ W_hhᵀ is never materialised: the tile is loaded through W_hh's strides with th
 Layout: the layer's sequence buffers hold element (t, b, d, h) at t·stride_t + b·stride_b + d·Hp + h
 (y, aux, and dz for Elman); the gate buffers (Xp, the saved gates, dz) hold (t, b, d, g, h) at
 t·stride_t + b·stride_b + (d·S + g)·Hp + h with S slots per direction (S = G for Xp and the gates;
-dz and the bias have one more slot for GRU, see below). Time-major, batch-first and both directions are the same code. Hp is H rounded up to 16
+dz and the bias have one more slot for GRU, see below). Time-major, batch-first and both directions
+are the same code. Hp is H rounded up to 16
 (the launcher's padding): every row, gate and direction block starts 16-element aligned, so loads
 vectorise for any H. The launcher pads the rows of h0, c0 and W_hh the same way (zeros past H), and
 loads along a row mask at Hp, not H. Stores cover the padding columns too and write exact zeros there,
@@ -120,10 +121,13 @@ def rnn_step_fwd_kernel(
                            other=0.0, cache_modifier=".cg")  # [BB, BK]; padding columns hold zeros
         acc0 += matmul(b_h_prev, _w_tile(p_w, o_k, o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
         if G > 1:
-            acc1 += matmul(b_h_prev, _w_tile(p_w, o_k, 1 * H + o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
-            acc2 += matmul(b_h_prev, _w_tile(p_w, o_k, 2 * H + o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
+            acc1 += matmul(b_h_prev, _w_tile(p_w, o_k, 1 * H + o_n, m_k, m_n, stride_w_k, stride_w_n),
+                           PRECISION, UPCAST)
+            acc2 += matmul(b_h_prev, _w_tile(p_w, o_k, 2 * H + o_n, m_k, m_n, stride_w_k, stride_w_n),
+                           PRECISION, UPCAST)
         if G > 3:
-            acc3 += matmul(b_h_prev, _w_tile(p_w, o_k, 3 * H + o_n, m_k, m_n, stride_w_k, stride_w_n), PRECISION, UPCAST)
+            acc3 += matmul(b_h_prev, _w_tile(p_w, o_k, 3 * H + o_n, m_k, m_n, stride_w_k, stride_w_n),
+                           PRECISION, UPCAST)
 
     m_bn = m_b[:, None] & m_n[None, :]
     m_store = m_b[:, None] & (o_n < Hp)[None, :]  # padding columns too (they get zeros)
@@ -279,10 +283,13 @@ def rnn_step_bwd_kernel(
             stride_dy_b, stride_dy_h, stride_y_b, stride_x_b, stride_dh_b, Hp, CELL, ACT)  # [BB, BN] each
         acc += matmul(e0.to(dz_ty), _w_tile(p_w, o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k), PRECISION, UPCAST)
         if G > 1:
-            acc += matmul(e1.to(dz_ty), _w_tile(p_w, 1 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k), PRECISION, UPCAST)
-            acc += matmul(e2.to(dz_ty), _w_tile(p_w, 2 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k), PRECISION, UPCAST)
+            acc += matmul(e1.to(dz_ty), _w_tile(p_w, 1 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k),
+                          PRECISION, UPCAST)
+            acc += matmul(e2.to(dz_ty), _w_tile(p_w, 2 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k),
+                          PRECISION, UPCAST)
         if G > 3:
-            acc += matmul(e3.to(dz_ty), _w_tile(p_w, 3 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k), PRECISION, UPCAST)
+            acc += matmul(e3.to(dz_ty), _w_tile(p_w, 3 * H + o_n, o_k, m_n, m_kp, stride_w_n, stride_w_k),
+                          PRECISION, UPCAST)
     b_dh = tl.where(active[:, None], acc + dh_direct, dh_own)  # padding steps pass the gradient through unchanged
     tl.store(p_dh + i_d * stride_dh_d + o_b[:, None] * stride_dh_b + o_k[None, :], b_dh, mask=m_own)
 
