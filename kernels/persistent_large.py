@@ -26,12 +26,19 @@ y_{t∓1}; h_n is written at each row's last step. y may be written over Xp (p_y
 only in its own tile, before writing y_t there, and reads other programs' columns only of y_{t∓1},
 complete since the last barrier.
 
-The matmul splits its reduction over H into K_SPLIT chunks, one per warp (common.matmul_split_k),
-so each warp runs BH / (16·K_SPLIT) dependent mma steps instead of BH / 16.
+The matmul splits its reduction over H into K_SPLIT chunks, one per warp, so each warp runs
+BH / (16·K_SPLIT) dependent mma steps instead of BH / 16: the state row is loaded as
+[K_SPLIT, BB, BH / K_SPLIT] chunks, multiplied by the matching [K_SPLIT, BH / K_SPLIT, BN] chunks of
+the weight slice (a batched tl.dot, one chunk per warp) and the K_SPLIT partial tiles are summed
+(sum_chunks).
+
+Per step, only what changes is computed: the step's row bases (int64, scalar) plus offsets that are
+compile-time constants or the same every step; the state comes from one load with no branch (see
+the forward). tests/compile_sm90.py counts the SASS instructions per step and bounds them.
 
 Reads of other programs' data use .cg loads (L2, not the incoherent L1). The barrier
 (barrier.group_barrier) is one self-resetting word per (direction, group), each on its own 128-byte line:
-by default the flip scheme (one release reduction to arrive, relaxed polls, one acquire), FLIP=False
+by default the flip scheme (one release reduction to arrive, acquire polls), FLIP=False
 the older count scheme, kept for measurement. Waits are bounded by `patience` polls; a program that
 runs out sets the buffer's error word, stops waiting, and the launcher raises.
 Co-residency of all programs is the launcher's job (a cooperative launch, which fails instead of
@@ -45,8 +52,33 @@ import triton
 import triton.language as tl
 
 from .barrier import WORD_STRIDE, group_barrier, read_phase
-from .common import (activation, activation_grad, is_last_step, load_state, matmul_split_k, previous_step,
-                     row_lengths, step_index)
+from .common import activation, activation_grad, is_last_step, matmul, previous_step, row_lengths, step_index
+
+
+@triton.jit
+def sum_chunks(part, K_SPLIT: tl.constexpr):
+    """[K_SPLIT, M, N] → [M, N], the sum over the first axis (the split-K partial products, one per
+    warp) as log2(K_SPLIT) halvings with tl.split. tl.sum over the warps' axis reduces through shared
+    memory twice with shuffles between (≈ 100 instructions per step at K_SPLIT = 8); a split needs
+    its pair in one thread, so Triton moves the partials once, through shared memory, into a layout
+    with all K_SPLIT of an output in one thread (one output per thread at M = N = 16 and 256
+    threads), and the halvings are register adds. The sum's order differs from tl.sum's."""
+    M: tl.constexpr = part.shape[1]
+    N: tl.constexpr = part.shape[2]
+    x = tl.permute(part, (1, 2, 0))  # [M, N, K_SPLIT]
+    for i in tl.static_range(6):  # K_SPLIT ≤ 32 (one chunk per warp)
+        if (K_SPLIT >> i) > 1:
+            a, b = tl.split(tl.reshape(x, [M, N, (K_SPLIT >> i) // 2, 2]))
+            x = a + b
+    return tl.reshape(x, [M, N])
+
+
+@triton.jit
+def tile_rows(i_b, o_r, B, BB: tl.constexpr):
+    """Batch tile i_b: its first row b0 (int64, as b0 · stride is; tl.cast since the interpreter's
+    loop index is an int), its rows o_b [BB] and which of them exist."""
+    b0 = tl.cast(i_b, tl.int64) * BB
+    return b0, b0 + o_r, o_r < B - b0
 
 
 @triton.jit(do_not_specialize=["T", "unit_begin", "unit_end", "dir_base", "patience"])
@@ -66,7 +98,8 @@ def elman_persistent_large_fwd_kernel(
     rev = (i_d == 1) != REVERSE
     o_n = (i_n * BN + tl.arange(0, BN)).to(tl.int64)  # [BN] this program's hidden units
     o_k = tl.arange(0, BH).to(tl.int64)  # [BH] the whole reduction dimension
-    m_n, m_k = o_n < H, o_k < H
+    o_r = tl.arange(0, BB).to(tl.int64)  # [BB] the rows of a batch tile
+    m_n, m_np = o_n < H, o_n < stride_y_d  # [BN] within H, within the padded row
     acc_ty = tl.float64 if p_y.dtype.element_ty == tl.float64 else tl.float32
 
     b_wt = tl.load(p_w + i_d * stride_w_d + o_k[:, None] * stride_w_k + o_n[None, :] * stride_w_n,
@@ -76,30 +109,61 @@ def elman_persistent_large_fwd_kernel(
         b_bias = tl.load(p_bias + i_d * H + o_n, mask=m_n, other=0.0).to(acc_ty)
     p_word = p_barrier + WORD_STRIDE * (1 + i_d * n_group + i_g)
     phase = read_phase(p_word, FLIP) if USE_BARRIER else 0
-    o_d = i_d * stride_y_d
+    p_xp = p_xp + i_d * stride_y_d
+    p_y = p_y + i_d * stride_y_d
     p_h0 = p_h0 + i_d * stride_h0_d
-    p_hn = p_hn + i_d * B * H
+    p_hn = p_hn + i_d.to(tl.int64) * B * H
+    # The state row is read as [K_SPLIT, BB, BH / K_SPLIT] (chunk c: columns [c·KC, (c+1)·KC)), the
+    # operand layout of the split-K product: a reshape and permute of a [BB, BH] load cost register
+    # moves per mma. o_kk holds compile-time offsets from each row's base (immediate offsets in SASS).
+    KC: tl.constexpr = BH // K_SPLIT
+    o_kk = tl.arange(0, K_SPLIT)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]  # [K_SPLIT, 1, KC]
+    m_hp = o_kk < stride_y_d  # [K_SPLIT, 1, KC] within the padded state row
+    b_w = tl.reshape(b_wt, [K_SPLIT, KC, BN])  # [K_SPLIT, KC, BN] the matching chunks of W_hhᵀ
+    o_own = o_r[:, None] * stride_y_b + o_n[None, :]  # [BB, BN] this program's columns, within a tile
 
     for s in range(unit_begin, unit_end):
         t = step_index(s, T, rev)
         t_prev = previous_step(t, rev)
-        p_prev = p_y + o_d + tl.minimum(tl.maximum(t_prev, 0), T - 1).to(tl.int64) * stride_y_t
-        for i_b in range(i_g, tl.cdiv(B, BB), n_group):
-            o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
-            m_b = o_b < B
+        p_prev = p_y + tl.minimum(tl.maximum(t_prev, 0), T - 1).to(tl.int64) * stride_y_t
+        p_t = p_y + t.to(tl.int64) * stride_y_t
+        p_xp_t = p_xp + t.to(tl.int64) * stride_y_t
+        # num_stages=1: Triton would otherwise prefetch the next tile's state through shared memory
+        # (cp.async), one more [BB, BH] buffer per program.
+        for i_b in tl.range(i_g, tl.cdiv(B, BB), n_group, num_stages=1):
+            b0, o_b, m_b = tile_rows(i_b, o_r, B, BB)
             len_b = row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS)  # [BB]
-            from_h0 = (t_prev < 0) | (t_prev >= len_b)  # [BB] the row's first step reads h0
-            any_start = tl.max(from_h0.to(tl.int32), axis=0) > 0  # some row of the tile reads h0
-            b_h = load_state(p_h0, p_prev, o_b, o_k, m_b, from_h0, any_start, stride_h0_b, stride_y_b,
-                             stride_y_d)  # [BB, BH], all programs' columns
-            m_bn = m_b[:, None] & m_n[None, :]
-            o_t = o_d + t.to(tl.int64) * stride_y_t + o_b[:, None] * stride_y_b + o_n[None, :]  # [BB, BN]
-            b_xp = tl.load(p_xp + o_t, mask=m_b[:, None] & (o_n < stride_y_d)[None, :], other=0.0).to(acc_ty)
-            z = matmul_split_k(b_h, b_wt, K_SPLIT, PRECISION, UPCAST) + b_xp + b_bias[None, :]
+            # The state: h0 at a row's first step, else y_{t∓1} (.cg: other programs wrote it, L1 may
+            # be stale). One load from a base per row, no branch: a load in each branch of an `if`
+            # costs register moves at the merge (≈ 100 instructions per step), and a per-row choice
+            # of pointer (tl.where over pointers) makes Triton 3.9 load one element at a time.
+            if HAS_LENGTHS:  # rows start at their own steps (a reverse row at its length − 1)
+                # Two loads, each masked to its rows; the second writes into the first's registers.
+                # t_prev as a tensor: the interpreters hold a scalar & tensor of bools as int32, which
+                # Triton 3.9's interpreter refuses as a mask
+                t_prev_b = t_prev + tl.zeros_like(len_b)  # [BB]
+                from_y = ((t_prev_b >= 0) & (t_prev_b < len_b))[None, :, None]  # [1, BB, 1]
+                from_h0 = ((t_prev_b < 0) | (t_prev_b >= len_b))[None, :, None]
+                m_h = m_b[None, :, None] & m_hp  # [K_SPLIT, BB, KC]
+                b_prev = tl.load((p_prev + o_b * stride_y_b)[None, :, None] + o_kk, mask=m_h & from_y, other=0.0,
+                                 cache_modifier=".cg")
+                b_h = tl.load((p_h0 + o_b * stride_h0_b)[None, :, None] + o_kk, mask=m_h & from_h0, other=b_prev,
+                              cache_modifier=".cg")  # [K_SPLIT, BB, KC], all programs' columns
+            else:  # every row starts at the first step: one base and row stride for the tile
+                first = (t_prev < 0) | (t_prev >= T)
+                # Rows past B read row B − 1 (their results are never stored) instead of a mask per
+                # row: with B not a multiple of 16 the masks cost registers (100 against 75 at BH =
+                # 1024, Triton 3.6: 2 programs per SM instead of 3).
+                o_in = tl.minimum(i_b * BB + tl.arange(0, BB), B - 1).to(tl.int64)  # [BB]
+                p_rows = tl.where(first, p_h0, p_prev) + o_in * tl.where(first, stride_h0_b, stride_y_b)
+                b_h = tl.load(p_rows[None, :, None] + o_kk, mask=m_hp, other=0.0, cache_modifier=".cg")
+            m_bp = m_b[:, None] & m_np[None, :]  # [BB, BN] within the padded rows
+            b_xp = tl.load(p_xp_t + b0 * stride_y_b + o_own, mask=m_bp, other=0.0).to(acc_ty)
+            z = sum_chunks(matmul(b_h, b_w, PRECISION, UPCAST), K_SPLIT) + b_xp + b_bias[None, :]
             b_out = tl.where((t < len_b)[:, None], activation(z, ACT, FAST_TANH), 0.0)
-            tl.store(p_y + o_t, b_out.to(p_y.dtype.element_ty), mask=m_b[:, None] & (o_n < stride_y_d)[None, :])
+            tl.store(p_t + b0 * stride_y_b + o_own, b_out.to(p_y.dtype.element_ty), mask=m_bp)
             tl.store(p_hn + o_b[:, None] * H + o_n[None, :], b_out.to(p_hn.dtype.element_ty),
-                     mask=m_bn & is_last_step(t, rev, len_b)[:, None])
+                     mask=m_b[:, None] & m_n[None, :] & is_last_step(t, rev, len_b)[:, None])
         if USE_BARRIER:
             phase, patience = group_barrier(p_word, p_barrier, i_n, n_col, phase, patience, FLIP)
 
@@ -123,41 +187,47 @@ def elman_persistent_large_bwd_kernel(
     rev = (i_d == 1) != REVERSE
     o_k = (i_k * BN + tl.arange(0, BN)).to(tl.int64)  # [BN] this program's columns of dh
     o_n = tl.arange(0, BH).to(tl.int64)  # [BH] the whole reduction dimension (rows of W_hh)
-    m_k, m_n = o_k < H, o_n < H
+    o_r = tl.arange(0, BB).to(tl.int64)  # [BB] the rows of a batch tile
+    m_k, m_kp = o_k < H, o_k < stride_y_d  # [BN] within H, within the padded row
     dz_ty = p_dz.dtype.element_ty
 
     b_w = tl.load(p_w + i_d * stride_w_d + o_n[:, None] * stride_w_n + o_k[None, :] * stride_w_k,
-                  mask=m_n[:, None] & (o_k < stride_y_d)[None, :], other=0.0)  # [BH, BN] = W_hh[:, slice]
+                  mask=(o_n < H)[:, None] & m_kp[None, :], other=0.0)  # [BH, BN] = W_hh[:, slice]
     p_word = p_barrier + WORD_STRIDE * (1 + i_d * n_group + i_g)
     phase = read_phase(p_word, FLIP) if USE_BARRIER else 0
     p_dy = p_dy + i_d * stride_dy_d
     p_y = p_y + i_d * stride_y_d
     p_dz = p_dz + i_d * stride_y_d
     p_dh = p_dh + i_d * stride_dh_d
+    # The dz row is read as [K_SPLIT, BB, BH / K_SPLIT] chunks, from a base per row (see the forward).
+    KC: tl.constexpr = BH // K_SPLIT
+    o_nn = tl.arange(0, K_SPLIT)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]  # [K_SPLIT, 1, KC]
+    m_np = o_nn < stride_y_d  # [K_SPLIT, 1, KC] within the padded row (padding: dz = 0)
+    b_wc = tl.reshape(b_w, [K_SPLIT, KC, BN])  # [K_SPLIT, KC, BN] the matching chunks of W_hh
 
     for u in range(unit_begin, unit_end):
         t = step_index(u // 2, T, rev == 0)  # the forward's steps in reverse
-        o_t = t.to(tl.int64) * stride_y_t
-        for i_b in range(i_g, tl.cdiv(B, BB), n_group):
-            o_b = (i_b * BB + tl.arange(0, BB)).to(tl.int64)  # [BB]
-            m_b = o_b < B
-            m_bp = m_b[:, None] & (o_k < stride_y_d)[None, :]  # [BB, BN] within the padded rows
+        p_y_t = p_y + t.to(tl.int64) * stride_y_t
+        p_dz_t = p_dz + t.to(tl.int64) * stride_y_t
+        p_dy_t = p_dy + t.to(tl.int64) * stride_dy_t
+        # num_stages=1: no prefetch of the next tile through shared memory (see the forward)
+        for i_b in tl.range(i_g, tl.cdiv(B, BB), n_group, num_stages=1):
+            b0, o_b, m_b = tile_rows(i_b, o_r, B, BB)
+            m_bp = m_b[:, None] & m_kp[None, :]  # [BB, BN] within the padded rows
             active = (t < row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS))[:, None]  # [BB, 1]
             o_own = o_b[:, None] * stride_y_b + o_k[None, :]  # [BB, BN] in the sequence buffers
             p_dh_own = p_dh + o_b[:, None] * stride_dh_b + o_k[None, :]
             if u % 2 == 0:
                 # Loads over the padded width (vectorised for any H); the padding columns' dz is zeroed.
-                b_dy = tl.load(p_dy + t.to(tl.int64) * stride_dy_t + o_b[:, None] * stride_dy_b
-                               + o_k[None, :] * stride_dy_h, mask=m_bp, other=0.0)
+                b_dy = tl.load(p_dy_t + o_b[:, None] * stride_dy_b + o_k[None, :] * stride_dy_h, mask=m_bp, other=0.0)
                 b_dh = tl.load(p_dh_own, mask=m_bp, other=0.0)
-                b_h = tl.load(p_y + o_t + o_own, mask=m_bp, other=0.0).to(b_dh.dtype)
+                b_h = tl.load(p_y_t + o_own, mask=m_bp, other=0.0).to(b_dh.dtype)
                 b_dz = tl.where(active & m_k[None, :], (b_dy.to(b_dh.dtype) + b_dh) * activation_grad(b_h, ACT), 0.0)
-                tl.store(p_dz + o_t + o_own, b_dz.to(dz_ty), mask=m_bp)
+                tl.store(p_dz_t + o_own, b_dz.to(dz_ty), mask=m_bp)
             else:
-                b_dz_row = tl.load(p_dz + o_t + o_b[:, None] * stride_y_b + o_n[None, :],
-                                   mask=m_b[:, None] & (o_n < stride_y_d)[None, :], other=0.0,
-                                   cache_modifier=".cg")  # [BB, BH], all programs' columns (padding: 0)
-                b_dh_new = matmul_split_k(b_dz_row, b_w, K_SPLIT, PRECISION, UPCAST)
+                b_dz_row = tl.load((p_dz_t + o_b * stride_y_b)[None, :, None] + o_nn, mask=m_b[None, :, None] & m_np,
+                                   other=0.0, cache_modifier=".cg")  # [K_SPLIT, BB, KC], all programs' columns
+                b_dh_new = sum_chunks(matmul(b_dz_row, b_wc, PRECISION, UPCAST), K_SPLIT)
                 # padding steps pass the gradient through: their rows' dh is left as it is
                 tl.store(p_dh_own, b_dh_new.to(p_dh.dtype.element_ty), mask=m_bp & active)
         if u % 2 == 0:

@@ -10,7 +10,8 @@ picks for the arch (Triton 3.9: `ptxas-blackwell`, the only one that reads its P
 time loop: paid every step) or only in the prologue (paid once per launch). It must run without
 TRITON_INTERPRET; tests/test_compile_sm90.py starts it in a subprocess.
 
-    python tests/compile_sm90.py   # one JSON object per line: kernel, config, regs, spills, loop_spill_ops
+    python tests/compile_sm90.py [REGEX]   # one JSON object per line: kernel, config, regs, spills, loop_spill_ops,
+                                           # loop_loads, step_instructions, acquire_poll_loops
 """
 import contextlib
 import inspect
@@ -88,20 +89,61 @@ def compile_and_count(kernel, dtype, num_warps, aligned, **constexprs):
         sass = subprocess.run([CUOBJDUMP, "-sass", cubin], capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"Used (\d+) registers", report).group(1))
     spills = int(re.search(r"(\d+) bytes spill stores", report).group(1))
-    return regs, spills, local_memory_ops_in_loops(sass), global_loads_in_loops(sass)
+    return dict(regs=regs, spills=spills, loop_spill_ops=local_memory_ops_in_loops(sass),
+                loop_loads=global_loads_in_loops(sass), step_instructions=instructions_per_step(sass),
+                acquire_poll_loops=acquire_poll_loops(compiled.asm["ptx"]))
+
+
+def sass_instructions(sass):
+    """[(address, text)] of every SASS instruction."""
+    return [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+
+
+def sass_loops(instructions):
+    """[(first, last address)] of every loop: the span from a backward branch's target to the branch
+    (`BRA 0x..`, `BRA P3, 0x..` with a second predicate, `BRA `(.L_x_1) 0x..`)."""
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA\s+(?:`\(\S+\)\s*|!?U?P\d+\s*,\s*)?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+    return loops
 
 
 def instructions_in_loops(sass):
-    """The SASS instructions inside a loop: a loop is the span from a backward branch's target to the
-    branch. Outside every loop they run once per launch; inside the time loop, every step."""
-    instructions = [(int(m.group(1), 16), m.group(2))
-                    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
-    loops = []
-    for address, text in instructions:
-        branch = re.search(r"\bBRA\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", text)
-        if branch and int(branch.group(1), 16) < address:
-            loops.append((int(branch.group(1), 16), address))
+    """The SASS instructions inside a loop. Outside every loop they run once per launch; inside the
+    time loop, every step."""
+    instructions = sass_instructions(sass)
+    loops = sass_loops(instructions)
     return [text for address, text in instructions if any(lo <= address <= hi for lo, hi in loops)]
+
+
+def instructions_per_step(sass):
+    """SASS instructions (per warp) between the head of the outermost loop and its backward branch: for
+    the persistent kernels the time loop, so one step's code with every branch of it (the batch-tile
+    loop and the barrier's poll loop once). 0 without a loop."""
+    instructions = sass_instructions(sass)
+    spans = sass_loops(instructions)
+    if not spans:
+        return 0
+    lo, hi = max(spans, key=lambda span: span[1] - span[0])
+    return sum(1 for address, _ in instructions if lo <= address <= hi)
+
+
+def acquire_poll_loops(ptx):
+    """How many innermost PTX loops (a label up to a later `bra` back to it, holding no other loop)
+    read with acquire semantics (ld...acquire / atom...acquire): a grid barrier's poll loop whose
+    polls are acquires. An acquire whose result is unused is erased, so this reads the PTX."""
+    lines = ptx.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"(\$\w+):", line))}
+    loops = []
+    for i, line in enumerate(lines):
+        branch = re.search(r"\bbra(?:\.uni)?\s+(\$\w+);", line)
+        if branch and labels.get(branch.group(1), i) < i:
+            loops.append((labels[branch.group(1)], i))
+    innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    return sum(1 for lo, hi in innermost
+               if any(re.search(r"\b(ld|atom)\.[\w.]*\bacquire\b", line) for line in lines[lo:hi + 1]))
 
 
 def local_memory_ops_in_loops(sass):
@@ -153,21 +195,23 @@ def configurations():
         yield barrier.barrier_loop_kernel, torch.float32, 4, dict(FLIP=flip)
 
 
-def main():
+def main(argv):
+    """argv: an optional regular expression; only configurations whose "kernel dtype BH" it matches
+    are compiled (`large.*bf16 1024`: the large-H kernels at BH = 1024 in bf16)."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: this compiles for a GPU"
     # Compile afresh (a cached kernel runs no ptxas, so leaves no report) and print ptxas's report.
     knobs.compilation.always_compile = True
     knobs.nvidia.dump_ptxas_log = True
     for kernel, dtype, num_warps, constexprs in configurations():
+        if argv and not re.search(argv[0], f"{kernel.fn.__name__} {TRITON_DTYPE[dtype]} {constexprs.get('BH')}"):
+            continue
         for aligned in (True, False):
-            regs, spills, loop_spill_ops, loop_loads = compile_and_count(kernel, dtype, num_warps, aligned,
-                                                                         **constexprs)
+            counts = compile_and_count(kernel, dtype, num_warps, aligned, **constexprs)
             shown = {k: v for k, v in constexprs.items()
                      if k in ("PRECISION", "BB", "BN", "BK", "BH", "K_SPLIT", "HAS_LENGTHS", "FLIP")}
             print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=TRITON_DTYPE[dtype], num_warps=num_warps,
-                                  aligned=aligned, **shown, regs=regs, spills=spills,
-                                  loop_spill_ops=loop_spill_ops, loop_loads=loop_loads)), flush=True)
+                                  aligned=aligned, **shown, **counts)), flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
