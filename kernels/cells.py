@@ -10,8 +10,8 @@ order (rows g·H + n of W_ih, W_hh and the biases belong to gate g):
     LSTM (i,f,g,o) i, f, o = σ(a_i, a_f, a_o), g = tanh(a_g)
                   c' = f ⊙ c + i ⊙ g,   h' = o ⊙ tanh(c')
 
-The kernels hand over each gate's hidden-side pre-activation hh_g = h W_hh,gᵀ (+ its bias) and input-side
-one xx_g = x W_ih,gᵀ (+ its bias) separately, because GRU's n gate multiplies only the hidden side by r.
+The kernels hand over each gate's whole pre-activation a_g, except GRU's n gate, whose hidden side
+ĥ = h W_hnᵀ + b_hn and input side x W_inᵀ + b_in come separately (only the hidden side is scaled by r).
 
 What the forward saves for the backward, per step (besides h' itself, the layer's output): the G
 activated gates, and one `aux` value per unit: LSTM's c' (so c carries in fp32 through the saved
@@ -40,27 +40,28 @@ def sigmoid(z, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
-def cell_forward(hh0, hh1, hh2, hh3, xx0, xx1, xx2, xx3, h_prev, c_prev,
-                 CELL: tl.constexpr, ACT: tl.constexpr, FAST_TANH: tl.constexpr):
-    """(h', aux, a0, a1, a2, a3): the new state, the saved extra (LSTM c', GRU ĥ) and the activated gates.
-    Unused gates' inputs and outputs are placeholders the compiler drops."""
+def cell_forward(a0, a1, a2, a3, x_n, h_prev, c_prev, CELL: tl.constexpr, ACT: tl.constexpr, FAST_TANH: tl.constexpr):
+    """(h', aux, g0, g1, g2, g3): the new state, the saved extra (LSTM c', GRU ĥ) and the activated gates.
+    a_g: gate g's whole pre-activation (x and h sides and biases), except GRU's n gate: a2 is its hidden
+    side ĥ (with b_hn) and x_n its input side (with b_in). Unused inputs and outputs are placeholders
+    the compiler drops."""
     if CELL == 1:
-        h = activation(hh0 + xx0, ACT, FAST_TANH)
-        aux, a0, a1, a2, a3 = h, h, h, h, h
+        h = activation(a0, ACT, FAST_TANH)
+        aux, g0, g1, g2, g3 = h, h, h, h, h
     elif CELL == 3:
-        a0 = sigmoid(hh0 + xx0, FAST_TANH)  # r
-        a1 = sigmoid(hh1 + xx1, FAST_TANH)  # z
-        a2 = tanh(xx2 + a0 * hh2, FAST_TANH)  # n
-        h = (1.0 - a1) * a2 + a1 * h_prev
-        aux, a3 = hh2, a2
+        g0 = sigmoid(a0, FAST_TANH)  # r
+        g1 = sigmoid(a1, FAST_TANH)  # z
+        g2 = tanh(x_n + g0 * a2, FAST_TANH)  # n
+        h = (1.0 - g1) * g2 + g1 * h_prev
+        aux, g3 = a2, g2
     else:
-        a0 = sigmoid(hh0 + xx0, FAST_TANH)  # i
-        a1 = sigmoid(hh1 + xx1, FAST_TANH)  # f
-        a2 = tanh(hh2 + xx2, FAST_TANH)  # g
-        a3 = sigmoid(hh3 + xx3, FAST_TANH)  # o
-        aux = a1 * c_prev + a0 * a2  # c'
-        h = a3 * tanh(aux, FAST_TANH)
-    return h, aux, a0, a1, a2, a3
+        g0 = sigmoid(a0, FAST_TANH)  # i
+        g1 = sigmoid(a1, FAST_TANH)  # f
+        g2 = tanh(a2, FAST_TANH)  # g
+        g3 = sigmoid(a3, FAST_TANH)  # o
+        aux = g1 * c_prev + g0 * g2  # c'
+        h = g3 * tanh(aux, FAST_TANH)
+    return h, aux, g0, g1, g2, g3
 
 
 @triton.jit

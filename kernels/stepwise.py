@@ -133,24 +133,26 @@ def rnn_step_fwd_kernel(
     m_store = m_b[:, None] & (o_n < Hp)[None, :]  # padding columns too (they get zeros)
     t64 = t.to(tl.int64)
     o_x = t64 * stride_x_t + o_b[:, None] * stride_x_b + i_d * G * Hp + o_n[None, :]  # [BB, BN] gate 0
-    xx0 = tl.load(p_xp + o_x, mask=m_store, other=0.0).to(acc_ty)
-    xx1, xx2, xx3 = xx0, xx0, xx0
+    # Each gate's pre-activation: the accumulated h side, plus Xp and the bias. GRU's n gate keeps its two
+    # sides apart: acc2 + b_hn (scaled by r in the cell) and x_n = Xp_n + b_in.
+    acc0 += tl.load(p_xp + o_x, mask=m_store, other=0.0).to(acc_ty)
+    x_n = acc0
     if G > 1:
-        xx1 = tl.load(p_xp + o_x + Hp, mask=m_store, other=0.0).to(acc_ty)
-        xx2 = tl.load(p_xp + o_x + 2 * Hp, mask=m_store, other=0.0).to(acc_ty)
-    if G > 3:
-        xx3 = tl.load(p_xp + o_x + 3 * Hp, mask=m_store, other=0.0).to(acc_ty)
+        acc1 += tl.load(p_xp + o_x + Hp, mask=m_store, other=0.0).to(acc_ty)
+        x_n = tl.load(p_xp + o_x + 2 * Hp, mask=m_store, other=0.0).to(acc_ty)
+        if G == 4:
+            acc2 += x_n
+            acc3 += tl.load(p_xp + o_x + 3 * Hp, mask=m_store, other=0.0).to(acc_ty)
     if HAS_BIAS:
         p_b = p_bias + i_d * S * H + o_n
         acc0 += tl.load(p_b, mask=m_n, other=0.0).to(acc_ty)[None, :]
         if G > 1:
             acc1 += tl.load(p_b + H, mask=m_n, other=0.0).to(acc_ty)[None, :]
             acc2 += tl.load(p_b + 2 * H, mask=m_n, other=0.0).to(acc_ty)[None, :]
-        if G > 2:  # GRU: b_in (slot 3) on n's input side; LSTM: the o gate's bias
-            if G == 3:
-                xx2 += tl.load(p_b + 3 * H, mask=m_n, other=0.0).to(acc_ty)[None, :]
-            else:
-                acc3 += tl.load(p_b + 3 * H, mask=m_n, other=0.0).to(acc_ty)[None, :]
+        if G == 3:
+            x_n += tl.load(p_b + 3 * H, mask=m_n, other=0.0).to(acc_ty)[None, :]
+        if G == 4:
+            acc3 += tl.load(p_b + 3 * H, mask=m_n, other=0.0).to(acc_ty)[None, :]
     b_h_prev, b_c_prev = acc0, acc0  # placeholders where the cell does not read them
     if G == 3:  # z ⊙ h needs the previous state at this tile's own units
         b_h_prev = tl.load(p_rows[:, None] + o_n[None, :], mask=m_store, other=0.0, cache_modifier=".cg").to(acc_ty)
@@ -158,8 +160,7 @@ def rnn_step_fwd_kernel(
         p_crows = tl.where(from_h0, p_c0 + o_state, p_aux + o_seq_prev)  # [BB]: c0, else c_{t∓1} (fp32)
         b_c_prev = tl.load(p_crows[:, None] + o_n[None, :], mask=m_store, other=0.0, cache_modifier=".cg").to(acc_ty)
 
-    b_h, b_aux, a0, a1, a2, a3 = cell_forward(acc0, acc1, acc2, acc3, xx0, xx1, xx2, xx3, b_h_prev, b_c_prev,
-                                              CELL, ACT, FAST_TANH)
+    b_h, b_aux, a0, a1, a2, a3 = cell_forward(acc0, acc1, acc2, acc3, x_n, b_h_prev, b_c_prev, CELL, ACT, FAST_TANH)
     keep = (t < len_b)[:, None] & m_n[None, :]  # padding steps and columns store zeros
     o_out = o_yd + t64 * stride_y_t + o_b[:, None] * stride_y_b + o_n[None, :]  # [BB, BN]
     tl.store(p_y + o_out, tl.where(keep, b_h, 0.0).to(p_y.dtype.element_ty), mask=m_store)

@@ -343,3 +343,53 @@ def test_double_backward_raises_clearly(device):
     y, h = gru(x, h0, rand(9, 2, device=device), rand(9, 3, device=device), backend="stepwise")
     with pytest.raises(RuntimeError, match="double backward .* not implemented; use backend='reference'"):
         torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_persistent_small_kernels_match_stepwise(cell, device):
+    """The persistent small-H kernels with the cell as a constexpr (kernels/persistent_small.py; no launcher
+    uses them yet) against the stepwise kernels on the same buffers: y, h_n, c_n, saved gates and aux,
+    then dz, ∂L/∂h0, ∂L/∂c0. Both directions, batch_first, lengths, H not a multiple of 16, B across two
+    batch tiles."""
+    from elman_triton.config import Layout, kernel_options, padded
+    from elman_triton.family_ops import _bias_slots, _cell_backward, _cell_forward, _padded_states
+    from elman_triton.kernels.persistent_small import rnn_persistent_small_bwd_kernel, rnn_persistent_small_fwd_kernel
+
+    T, B, D, H, G, dirs = 3, 17, 2, 5, 4 if cell == "lstm" else 3, 2
+    Hp, S, BB, BH = padded(H), G + (G == 3), 16, 16
+    xp = torch.nn.functional.pad(torch.randn(B, T, dirs, G, H, dtype=F64, device=device), (0, Hp - H)).flatten(2)
+    w_hh = torch.nn.functional.pad(torch.randn(dirs, G * H, H, dtype=F64, device=device) * H ** -0.5, (0, Hp - H))
+    bias = _bias_slots(cell, [torch.randn(G * H, dtype=F64, device=device) for _ in range(dirs)],
+                       [torch.randn(G * H, dtype=F64, device=device) for _ in range(dirs)], dirs, H, xp)
+    h0, c0 = torch.randn(dirs, B, H, dtype=F64, device=device), torch.randn(dirs, B, H, dtype=F64, device=device)
+    lengths = torch.randint(1, T + 1, (B,), device=device)
+    y, h_n, c_n, gates, aux = _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, False, True)
+
+    nan = float("nan")
+    mine = [torch.full_like(t, nan) for t in (y, h_n, c_n, gates, aux)]
+    h0p, c0p = _padded_states(h0, c0, Hp)
+    opts = kernel_options(F64, "tanh")
+    lay = Layout.of(y, H, dirs, True, False)
+    meta = dict(CELL=G, HAS_LENGTHS=True, REVERSE=False, ACT=opts.ACT, PRECISION=opts.PRECISION, UPCAST=False,
+                BB=BB, BH=BH)
+    grid = (-(-B // BB), dirs)
+    rnn_persistent_small_fwd_kernel[grid](
+        xp, mine[0], mine[3], mine[4], h0p, c0p, w_hh, bias, mine[1], mine[2], lengths, T, B, H,
+        xp.stride(1), xp.stride(0), *lay.seq_strides, *h0p.stride(), *w_hh.stride(),
+        HAS_BIAS=True, FAST_TANH=False, **meta)
+    for name, a, b in zip(("y", "h_n", "c_n", "gates", "aux"), mine, (y, h_n, c_n, gates, aux)):
+        if name == "aux" or (name == "c_n" and G == 3):
+            continue
+        assert rel_err(a, b) <= TOL, name
+    assert rel_err(mine[4].unflatten(2, (dirs, Hp))[..., :H], aux.unflatten(2, (dirs, Hp))[..., :H]) <= TOL
+
+    dy, dh_n, dc_n = torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(h_n)
+    dz, dh0, dc0 = _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, False, True)
+    dz_mine, dh0_mine, dc0_mine = torch.full_like(dz, nan), torch.full_like(h0, nan), torch.full_like(h0, nan)
+    rnn_persistent_small_bwd_kernel[grid](
+        dy, dh_n, dc_n, y, h0p, gates, aux, c0p, w_hh, dz_mine, dh0_mine, dc0_mine, lengths, T, B, H,
+        *lay.dy_strides(dy), *dh_n.stride(), *lay.seq_strides, gates.stride(1), gates.stride(0),
+        dz.stride(1), dz.stride(0), *h0p.stride(), *w_hh.stride(), **meta)
+    assert rel_err(dz_mine, dz) <= TOL and rel_err(dh0_mine, dh0) <= TOL
+    if G == 4:
+        assert rel_err(dc0_mine, dc0) <= TOL
