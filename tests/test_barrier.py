@@ -1,15 +1,15 @@
 """The grid barrier and the large-H launcher's GPU contact, tested on CPU: the barrier word's arithmetic
 (both schemes, across wrap-around), the bounded wait (a group that can never meet raises in seconds),
-barrier buffers under CUDA-graph capture, and "auto" falling back to stepwise on a device too small for
-the persistent grid."""
+and barrier buffers under CUDA-graph capture. The launcher's occupancy plan (and "auto" falling back to
+stepwise on a device too small for the persistent grid) is tested in test_plan.py."""
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from elman_triton import ops, persistent
-from elman_triton.config import INTERPRETED, Layout, kernel_options, on_device
+from elman_triton import persistent
+from elman_triton.config import INTERPRETED, on_device
 from elman_triton.kernels import barrier
 
 LINE = barrier.WORD_STRIDE.value
@@ -140,105 +140,6 @@ def test_unfinished_launches_are_not_waited_for(fake_cuda):
     persistent._PENDING.append(entry)
     persistent.check_errors()  # no synchronisation, nothing raised yet
     assert persistent._PENDING == [entry]
-
-
-# ------------------------------------------------------------------ auto on a device too small for the grid
-
-class FakeKernel:
-    """Stands in for a large-H kernel: warmup reports n_regs and shared bytes; launches are recorded."""
-
-    def __init__(self, kernel, n_regs, shared):
-        self.arg_names, self.__name__ = kernel.arg_names, kernel.__name__
-        self.compiled = SimpleNamespace(n_regs=n_regs, metadata=SimpleNamespace(shared=shared),
-                                        _init_handles=lambda: None)
-        self.warmups, self.launches = 0, []
-
-    def warmup(self, *args, grid, **meta):
-        self.warmups += 1
-        return self.compiled
-
-    def __getitem__(self, grid):
-        return lambda *args, **meta: self.launches.append((grid, args, meta))
-
-
-@pytest.fixture
-def hopper(monkeypatch):
-    """The launcher as on a GPU with `sms` SMs (132: an H200): no interpreter, Triton's device
-    properties faked, fake large-H kernels of 128 registers × 256 threads (2 per SM by registers)."""
-    gpu = SimpleNamespace(sms=132)
-    monkeypatch.setattr(persistent, "INTERPRETED", False)
-    monkeypatch.setattr(persistent, "_device_properties", lambda device: {
-        "max_num_regs": 65536, "max_shared_mem": 232448, "multiprocessor_count": gpu.sms})
-    monkeypatch.setattr(persistent, "_stand_in_args", lambda kernel, H, dtype, device: [])
-    persistent._plan_cached.cache_clear()
-    for name in ("elman_persistent_large_fwd_kernel", "elman_persistent_large_bwd_kernel"):
-        monkeypatch.setattr(persistent, name, FakeKernel(getattr(persistent, name), n_regs=128, shared=65536))
-    yield gpu
-    persistent._plan_cached.cache_clear()
-
-
-def layout(B, H, dirs=1):
-    return Layout(T=8, B=B, H=H, dirs=dirs, stride_t=B * dirs * H, stride_b=dirs * H, batch_first=False,
-                  reverse=False)
-
-
-def test_auto_falls_back_to_stepwise_where_the_grid_cannot_co_reside(hopper):
-    """H = 2048 bf16 needs 128 column programs at once: an H200 (132 SMs × 2) holds them, a 40-SM MIG
-    slice does not, so "auto" picks stepwise there; the capacity is computed once and cached."""
-    opts = kernel_options(torch.bfloat16, "tanh")
-    lay, cuda = layout(16, 2048), torch.device("cuda", 0)
-    assert ops._recurrence("auto", lay, torch.bfloat16, cuda, opts) is persistent
-    fwd = persistent.elman_persistent_large_fwd_kernel
-    assert fwd.warmups == 1
-    ops._recurrence("auto", lay, torch.bfloat16, cuda, opts)
-    assert fwd.warmups == 1  # cached: no warmup per call
-    hopper.sms = 40
-    persistent._plan_cached.cache_clear()
-    assert ops._recurrence("auto", lay, torch.bfloat16, cuda, opts) is ops.stepwise
-    assert ops._recurrence("auto", layout(16, 512), torch.bfloat16, cuda, opts) is persistent  # 32 programs fit
-
-
-def test_persistent_keeps_its_clear_error_on_a_small_device(hopper):
-    hopper.sms = 40
-    lay = layout(16, 2048)
-    y = torch.empty(8, 16, 2048, dtype=torch.bfloat16)
-    opts = kernel_options(torch.bfloat16, "tanh")
-    with pytest.raises(RuntimeError, match="needs 128 co-resident programs but this GPU holds 40"):
-        persistent._launch_large(persistent.elman_persistent_large_fwd_kernel, lay, y, n_units=8, opts=opts,
-                                 pointers=(y,) * 7, strides=(), meta=dict(BH=2048))
-
-
-def test_large_launch_is_one_cooperative_grid_sized_by_occupancy(hopper, monkeypatch):
-    """64 column programs, 4 batch tiles, both directions: 2 × 132 = 264 co-resident programs hold both
-    directions' 128, in 2 barrier groups each; one launch."""
-    monkeypatch.setattr(persistent, "_barrier_words", lambda device, n: torch.zeros(LINE * (1 + n), dtype=torch.int32))
-    monkeypatch.setattr(persistent, "_after_launch", lambda words, what: None)
-    lay = layout(64, 1024, dirs=2)
-    y = torch.empty(8, 64, 2048, dtype=torch.bfloat16)
-    kernel = persistent.elman_persistent_large_fwd_kernel
-    persistent._launch_large(kernel, lay, y, n_units=8, opts=kernel_options(torch.bfloat16, "tanh"),
-                             pointers=("p",) * 7, strides=(1, 2), meta=dict(BH=1024))
-    [(grid, args, meta)] = kernel.launches
-    assert grid == (64, 2, 2)
-    assert args[8:] == (8, 64, 1024, 0, 8, 0, persistent.MAX_POLLS, 1, 2)
-    assert meta["launch_cooperative_grid"] and meta["USE_BARRIER"] and meta["FLIP"]
-    assert not persistent.sequential_directions(lay, torch.bfloat16, torch.device("cuda", 0),
-                                                kernel_options(torch.bfloat16, "tanh"))
-
-    hopper.sms = 100  # 200 programs: one direction's 64 fit three times, both directions' 128 once
-    persistent._plan_cached.cache_clear()
-    kernel.launches.clear()
-    persistent._launch_large(kernel, lay, y, n_units=8, opts=kernel_options(torch.bfloat16, "tanh"),
-                             pointers=("p",) * 7, strides=(1, 2), meta=dict(BH=1024))
-    assert [launch[0] for launch in kernel.launches] == [(64, 1, 2)]
-    hopper.sms = 50  # 100 programs: the directions run one launch after the other
-    persistent._plan_cached.cache_clear()
-    kernel.launches.clear()
-    persistent._launch_large(kernel, lay, y, n_units=8, opts=kernel_options(torch.bfloat16, "tanh"),
-                             pointers=("p",) * 7, strides=(1, 2), meta=dict(BH=1024))
-    assert [(launch[0], launch[1][13]) for launch in kernel.launches] == [((64, 1, 1), 0), ((64, 1, 1), 1)]
-    assert persistent.sequential_directions(lay, torch.bfloat16, torch.device("cuda", 0),
-                                            kernel_options(torch.bfloat16, "tanh"))
 
 
 def test_launches_go_to_the_tensors_device():
