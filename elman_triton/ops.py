@@ -231,11 +231,12 @@ def _stack(tensors):
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
 
 
-def _recurrence(backend, layout, dtype, device, opts):
+def _recurrence(backend, layout, dtype, device, opts, has_lengths):
     """The launcher module for a Triton backend. "auto" (CUDA) is persistent where its kernels hold the
-    shape and the device holds their grid at once (persistent.fits), else stepwise."""
+    shape and the device holds their grid at once (persistent.fits, for the kernels this call compiles:
+    with lengths they need more registers), else stepwise."""
     if backend == "auto":
-        backend = "persistent" if persistent.fits(layout, dtype, device, opts) else "stepwise"
+        backend = "persistent" if persistent.fits(layout, dtype, device, opts, has_lengths) else "stepwise"
     elif backend == "persistent":
         persistent.check_supported(layout.B, layout.H, dtype, device)
     return TRITON_BACKENDS[backend]
@@ -253,7 +254,7 @@ def _forward(xp, y, h0, w_hh, bias, lengths, nonlinearity, reverse, batch_first,
         return _native_recurrence(xp, y, h0, w_hh, bias, nonlinearity, lay)
     opts = kernel_options(xp.dtype, nonlinearity)
     h_n = xp.new_empty(dirs, lay.B, H)
-    _recurrence(backend, lay, xp.dtype, xp.device, opts).forward_recurrence(
+    _recurrence(backend, lay, xp.dtype, xp.device, opts, lengths is not None).forward_recurrence(
         xp, y, _padded_rows(h0, lay.Hp), _padded_rows(w_hh, lay.Hp), bias, h_n, lengths, opts, lay)
     return h_n
 
@@ -268,7 +269,7 @@ def _backward(dy, dh_n, y, w_hh, lengths, nonlinearity, reverse, batch_first, ba
     lay = Layout.of(y, H, dirs, batch_first, reverse)
     opts = kernel_options(y.dtype, nonlinearity)
     dz = torch.empty_like(y)
-    dh0 = _recurrence(backend, lay, y.dtype, y.device, opts).backward_recurrence(
+    dh0 = _recurrence(backend, lay, y.dtype, y.device, opts, lengths is not None).backward_recurrence(
         dy, dh_n, y, _padded_rows(w_hh, lay.Hp), dz, lengths, opts, lay)
     return dz, dh0.contiguous()  # the launchers may leave it in their padded carry: a (dirs, B, H) copy
 

@@ -137,7 +137,8 @@ def test_auto_follows_the_plan_with_lengths(fake_gpu):
     assert persistent.fits(lay, torch.bfloat16, cuda, OPTS, has_lengths=False)
     assert not persistent.fits(lay, torch.bfloat16, cuda, OPTS, has_lengths=True)
     assert not persistent.fits(lay, torch.bfloat16, cuda, OPTS)
-    assert ops._recurrence("auto", lay, torch.bfloat16, cuda, OPTS) is ops.stepwise
+    assert ops._recurrence("auto", lay, torch.bfloat16, cuda, OPTS, has_lengths=True) is ops.stepwise
+    assert ops._recurrence("auto", lay, torch.bfloat16, cuda, OPTS, has_lengths=False) is ops.persistent
     fwd = persistent.elman_persistent_large_fwd_kernel
     compiles = len(fwd.compiles)
     persistent.fits(lay, torch.bfloat16, cuda, OPTS)
