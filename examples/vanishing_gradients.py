@@ -16,6 +16,14 @@ max_k (‖∂L/∂h_{T-1-k}‖ / ‖∂L/∂h_{T-1}‖)^(1/k), and checks it aga
 and again after some training on the adding problem (σ_max is measured again then). It exits with
 status 1 if the bound is broken where the condition holds.
 
+Beside them, at the same H and with the same loss and training, the LSTM and GRU (elman_triton.family,
+torch's default init; --cells): their ‖∂L/∂h_t‖, and the LSTM's ‖∂L/∂c_t‖, the cell state whose
+gradient the forget gate carries (c_{t+1} = f ⊙ c_t + i ⊙ g, so ∂c_{t+1}/∂c_t = diag(f), no W_hh).
+record_state_gradients takes ElmanRNN only, so for these two the norms come from a differentiable step
+loop of LSTMCell / GRUCell on the layer's own parameters with retain_grad() on every h_t and c_t
+(adding_problem.gated_state_gradients); Pascanu's bound is not checked for them (their Jacobian is not
+diag(act') W_hh). The right-hand column of the figure draws them beside tanh and relu Elman at ρ = 1.
+
     python examples/vanishing_gradients.py            # T = 100, H = 100; the init part takes seconds
     python examples/vanishing_gradients.py --quick    # a smoke run (T = 30, H = 32), under a minute on CPU
 """
@@ -28,7 +36,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from adding_problem import Adder, evaluate, make_batch  # noqa: E402
+from adding_problem import COLORS, GATED, Adder, make_batch, state_gradients  # noqa: E402
 
 from elman_triton import init  # noqa: E402
 
@@ -36,6 +44,7 @@ RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)
 GAMMA = {"tanh": 1.0, "relu": 1.0}  # sup |act'|
 SLACK = 1e-3  # fp32 rounding in the measured norms, relative to the rate
 FLOOR = 1e-30  # ratios below this are fp32 underflow, not a measured decay (decay_rates ignores them too)
+RECORDED = "vanishing_gradients_cells.md (T = 100, H = 100: tanh and relu Elman, LSTM, GRU)"
 
 
 def decay_rates(norms):
@@ -53,9 +62,12 @@ def decay_rates(norms):
 
 
 def study(act, rho, args, test, generator):
+    """Rows at init and after args.steps of training. act: an Elman nonlinearity with W_hh orthogonal at
+    spectral radius rho, or a gated cell ("lstm", "gru"; rho None) with torch's default init."""
     torch.manual_seed(args.seed)
     model = Adder(act, args.hidden, args.backend, args.device)
-    init.orthogonal_(model.rnn, spectral_radius=rho)
+    if act not in GATED:
+        init.orthogonal_(model.rnn, spectral_radius=rho)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     rows = []
     for stage in ("init", "trained"):
@@ -63,36 +75,58 @@ def study(act, rho, args, test, generator):
             for _ in _common.progress(args.steps, f"train {act} ρ={rho}"):
                 x, target = make_batch(args.T, args.batch, generator, args.device)
                 _common.optimize(optimizer, nn.functional.mse_loss(model(x), target), model, args.clip)
-        mse, norms = evaluate(model, *test)
-        sigma = torch.linalg.svdvals(model.rnn.weight_hh_l0.detach().double()).max().item()
-        bound = GAMMA[act] * sigma
+        mse, norms, c_norms = state_gradients(model, *test)
         fitted, worst = decay_rates(norms)
-        applies = bound < 1
-        check = ("holds" if worst <= bound * (1 + SLACK) else "VIOLATED") if applies else "n/a (γσ ≥ 1)"
-        rows.append(dict(act=act, rho=rho, stage=stage, sigma_max=sigma, bound=bound, fitted_rate=fitted,
-                         worst_rate=worst, check=check, test_mse=mse, norms=norms))
-        print(f"{act:4s} ρ={rho:<4} {stage:7s}: σ_max {sigma:.3f}, bound γσ {bound:.3f}, fitted rate {fitted:.3f}, "
-              f"worst per-step rate {worst:.3f}: {check}; test MSE {mse:.4f}", flush=True)
+        row = dict(act=act, rho=rho, stage=stage, fitted_rate=fitted, worst_rate=worst, test_mse=mse, norms=norms,
+                   c_norms=c_norms, c_fitted_rate=decay_rates(c_norms)[0] if c_norms else None)
+        if act in GATED:  # W_hh is (G·H, H): Pascanu's bound is the Elman cell's
+            row.update(sigma_max=None, bound=None, check="n/a (gated cell)")
+            c_rate = "" if c_norms is None else f", ‖∂L/∂c‖ fitted rate {row['c_fitted_rate']:.3f}"
+            print(f"{act:4s} {stage:7s}: fitted rate {fitted:.3f}, worst per-step rate {worst:.3f}{c_rate}; "
+                  f"test MSE {mse:.4f}", flush=True)
+        else:
+            sigma = torch.linalg.svdvals(model.rnn.weight_hh_l0.detach().double()).max().item()
+            bound = GAMMA[act] * sigma
+            applies = bound < 1
+            check = ("holds" if worst <= bound * (1 + SLACK) else "VIOLATED") if applies else "n/a (γσ ≥ 1)"
+            row.update(sigma_max=sigma, bound=bound, check=check)
+            print(f"{act:4s} ρ={rho:<4} {stage:7s}: σ_max {sigma:.3f}, bound γσ {bound:.3f}, fitted rate {fitted:.3f}, "
+                  f"worst per-step rate {worst:.3f}: {check}; test MSE {mse:.4f}", flush=True)
+        rows.append(row)
     return rows
 
 
 def report(rows, args, out):
-    header = ["act", "ρ (init)", "stage", "σ_max(W_hh)", "bound γσ_max", "fitted rate", "worst per-step rate",
-              "Pascanu check", "test MSE"]
-    table = [[r["act"], r["rho"], r["stage"], f"{r['sigma_max']:.3f}", f"{r['bound']:.3f}", f"{r['fitted_rate']:.3f}",
-              f"{r['worst_rate']:.3f}", r["check"], f"{r['test_mse']:.4f}"] for r in rows]
+    header = ["cell", "ρ (init)", "stage", "σ_max(W_hh)", "bound γσ_max", "fitted rate", "worst per-step rate",
+              "Pascanu check", "test MSE", "‖∂L/∂c‖ fitted rate"]
+
+    def number(value):
+        return "—" if value is None else f"{value:.3f}"
+
+    table = [[r["act"], "default init" if r["rho"] is None else r["rho"], r["stage"], number(r["sigma_max"]),
+              number(r["bound"]), number(r["fitted_rate"]), number(r["worst_rate"]), r["check"],
+              f"{r['test_mse']:.4f}", number(r.get("c_fitted_rate"))] for r in rows]
     settings = (f"T = {args.T}, H = {args.hidden}, {args.test_size} test sequences of the adding problem (loss on "
                 f"the last state only); training: {args.steps} Adam steps, lr {args.lr}, batch {args.batch}, "
-                f"clip {args.clip}; backend {args.backend!r} on {args.device}; seed {args.seed}.")
+                f"clip {args.clip}; backend {args.backend!r} on {args.device}; seed {args.seed}. Rates are of "
+                "‖∂L/∂h_t‖ per step back in time; the Elman cells' from record_state_gradients, the LSTM's and GRU's "
+                "from a step loop of LSTMCell / GRUCell with retain_grad() on every h_t and c_t.")
     plt = _common.write_results(out, "vanishing_gradients", "Vanishing gradients", [settings, (header, table)],
                                 dict(args=vars(args), rows=rows), args.smoke)
     if plt is None:
         return
-    acts = sorted({r["act"] for r in rows})
+    acts = sorted({r["act"] for r in rows if r["act"] not in GATED}, reverse=True)  # tanh, relu
+    gated = [r for r in rows if r["act"] in GATED]
     curves = {id(r): ratios_of(r["norms"]) for r in rows}
+    curves.update({(id(r), "c"): ratios_of(r["c_norms"]) for r in gated if r["c_norms"]})
     shown = torch.cat([c[c > FLOOR] for c in curves.values()])
     ylim = (max(FLOOR, shown.min().item() / 10), shown.max().item() * 10)  # the measured range, above FLOOR
-    fig, axes = plt.subplots(2, len(acts), figsize=(6 * len(acts), 8), squeeze=False, sharey=True)
+    columns = len(acts) + bool(gated)
+    fig, axes = plt.subplots(2, columns, figsize=(6 * columns, 8), squeeze=False, sharey=True)
+    if gated:
+        compare(axes[:, -1], rows, curves, args.rhos)
+        for ax in axes[:, -1]:
+            ax.set(ylim=ylim)
     for col, act in enumerate(acts):
         for row, stage in enumerate(("init", "trained")):
             ax = axes[row, col]
@@ -107,6 +141,26 @@ def report(rows, args, out):
                    ylabel="‖∂L/∂h_t‖ / ‖∂L/∂h_T-1‖", ylim=ylim)
             ax.legend(fontsize=7)
     _common.save_figure(fig, out, "vanishing_gradients.png", args.smoke)
+
+
+def compare(axes, rows, curves, rhos):
+    """The right-hand column: the LSTM's and GRU's ‖∂L/∂h_t‖ (and the LSTM's ‖∂L/∂c_t‖, dashed) beside tanh
+    and relu Elman at the ρ nearest 1, at init (top) and trained (bottom); each cell in its adding_problem
+    colour, the Elman ones in black and grey."""
+    rho = min(rhos, key=lambda r: abs(r - 1))
+    elman = {"tanh": "black", "relu": "grey"}
+    for ax, stage in zip(axes, ("init", "trained")):
+        for r in (r for r in rows if r["stage"] == stage):
+            if r["act"] in GATED:
+                color = COLORS[r["act"]]
+                ax.semilogy(curves[id(r)], color=color, label=f"{r['act']} ‖∂L/∂h_t‖")
+                if (id(r), "c") in curves:
+                    ax.semilogy(curves[id(r), "c"], "--", color=color, label=f"{r['act']} ‖∂L/∂c_t‖")
+            elif r["rho"] == rho and r["act"] in elman:
+                ax.semilogy(curves[id(r)], color=elman[r["act"]], lw=1, label=f"{r['act']} Elman, ρ = {rho}")
+        ax.set(title=f"gated cells (torch's default init) beside Elman, {stage}", xlabel="k = T − 1 − t",
+               ylabel="‖∂L/∂state_t‖ / ‖∂L/∂state_T-1‖")
+        ax.legend(fontsize=7)
 
 
 def ratios_of(norms):
@@ -127,15 +181,19 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=100)
     p.add_argument("--rhos", type=float, nargs="+", default=list(RHOS))
     p.add_argument("--acts", nargs="+", default=["tanh", "relu"], choices=sorted(GAMMA))
+    p.add_argument("--cells", nargs="*", default=list(GATED), choices=list(GATED),
+                   help="gated cells studied beside the Elman ones, at the same H (none: --cells with no name)")
     _common.training_flags(p, steps=500, batch=32, lr=1e-3)  # the steps before the second measurement
     p.add_argument("--test-size", type=int, default=256)
     args = _common.parse(p, argv, quick=dict(T=30, hidden=32, steps=60))
-    out = _common.setup(args, "vanishing_gradients", "vanishing_gradients.md (T = 100, H = 100)")
+    out = _common.setup(args, "vanishing_gradients", RECORDED)
     test = make_batch(args.T, args.test_size, torch.Generator().manual_seed(12345), args.device)
     rows = []
     for act in args.acts:
         for rho in args.rhos:
             rows += study(act, rho, args, test, torch.Generator().manual_seed(args.seed))
+    for cell in args.cells:
+        rows += study(cell, None, args, test, torch.Generator().manual_seed(args.seed))
     report(rows, args, out)
     violated = [r for r in rows if r["check"] == "VIOLATED"]
     if violated:
