@@ -72,7 +72,7 @@ def study(act, rho, args, test, generator):
     rows = []
     for stage in ("init", "trained"):
         if stage == "trained":
-            for _ in _common.progress(args.steps, f"train {act} ρ={rho}"):
+            for _ in _common.progress(args.steps, f"train {act}" + ("" if rho is None else f" ρ={rho}")):
                 x, target = make_batch(args.T, args.batch, generator, args.device)
                 _common.optimize(optimizer, nn.functional.mse_loss(model(x), target), model, args.clip)
         mse, norms, c_norms = state_gradients(model, *test)

@@ -13,7 +13,7 @@ import torch
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 BASELINE = 1 / 6  # the adding problem's MSE when always predicting 1
-MODELS = ("tanh", "tanh-orth", "irnn")
+MODELS = ("tanh", "tanh-orth", "irnn", "lstm", "gru")
 
 
 def load(name):
@@ -64,20 +64,74 @@ def colors(ax):
 def test_adding_problem(tmp_path, capsys):
     """At T = 10 every model beats the 0.167 baseline by 20 %, the best by half. The smoke run cannot show the
     example's point (T = 10 needs no memory), so its table, screen and figure say so and name the recorded
-    run; each model keeps its colour of the recorded figures (irnn C0, tanh C1, tanh-orth C2)."""
+    run; each model keeps its colour of the recorded figures (irnn C0, tanh C1, tanh-orth C2, lstm C3, gru C4).
+    The LSTM and GRU (Le et al. compare the IRNN against an LSTM) are in the results, with finite norms."""
     figures = [] if importlib.util.find_spec("matplotlib") else None
     results = run("adding_problem", tmp_path, capsys, figures, recorded="adding_problem_T150.md")
     if figures:
         from matplotlib.colors import to_rgba
         assert {m: c for m, c in colors(figures[-1].axes[0]).items() if m in MODELS} == {
-            m: to_rgba(c) for m, c in (("irnn", "C0"), ("tanh", "C1"), ("tanh-orth", "C2"))}
-    assert [r["model"] for r in results] == ["tanh", "tanh-orth", "irnn"]
+            m: to_rgba(c) for m, c in (("irnn", "C0"), ("tanh", "C1"), ("tanh-orth", "C2"), ("lstm", "C3"),
+                                       ("gru", "C4"))}
+    assert [r["model"] for r in results] == list(MODELS)
     for r in results:
         assert r["curve"][0][2] > BASELINE and r["final_mse"] < 0.8 * BASELINE, r["model"]
         steps, norms = zip(*r["grad_history"])  # recorded at every evaluation
         assert steps == tuple(c[0] for c in r["curve"]) and steps[0] == 0 and steps[-1] == 600
-        assert all(len(n) == 10 and min(n) > 0 for n in norms)
+        assert all(len(n) == 10 and min(n) > 0 and all(map(math.isfinite, n)) for n in norms)
+    table = (tmp_path / "adding_problem.md").read_text()
+    assert "| lstm | 10 | 600 |" in table and "| gru | 10 | 600 |" in table
     assert min(r["final_mse"] for r in results) < 0.5 * BASELINE
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gated_state_gradients(cell):
+    """The LSTM's and GRU's ‖∂L/∂h_t‖ (and ‖∂L/∂c_t‖) in the examples match an independent float64 step loop
+    of the cell's own maths (torch's gate order) with a zero perturbation added to every state (its
+    gradient is the total derivative), and the loss matches the layer's; H, B odd."""
+    ap = load("adding_problem")
+    torch.manual_seed(0)
+    x, target = ap.make_batch(7, 5, torch.Generator().manual_seed(1), "cpu")
+    x, target = x.double(), target.double()
+    model = ap.Adder(cell, 11, "auto", "cpu").double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)  # away from the init, so that no gate sits near 0.5 everywhere
+    loss, h_norms, c_norms = ap.state_gradients(model, x, target)
+    assert all(p.grad is None for p in model.parameters())  # the example clears what it leaves
+
+    rnn, H = model.rnn, 11
+    w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{n}_l0").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    h = c = torch.zeros(5, H, dtype=torch.float64)
+    dh, dc = [], []
+    for x_t in x:
+        gi, gh = x_t @ w_ih.T + b_ih, h @ w_hh.T + b_hh
+        if cell == "lstm":
+            i, f, g, o = (gi + gh).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            dc.append(torch.zeros_like(c, requires_grad=True))
+            c = c + dc[-1]
+            h = torch.sigmoid(o) * torch.tanh(c)
+        else:
+            (ri, zi, ni), (rh, zh, nh) = gi.chunk(3, dim=1), gh.chunk(3, dim=1)
+            r, z = torch.sigmoid(ri + rh), torch.sigmoid(zi + zh)
+            h = (1 - z) * torch.tanh(ni + r * nh) + z * h
+        dh.append(torch.zeros_like(h, requires_grad=True))
+        h = h + dh[-1]
+    expected = torch.nn.functional.mse_loss(model.head(h).squeeze(1), target)
+    expected.backward()
+    assert math.isclose(loss, expected.item(), rel_tol=1e-12)
+    assert math.isclose(loss, torch.nn.functional.mse_loss(model(x), target).item(), rel_tol=1e-12)
+
+    def relative_error(norms, perturbations):
+        want = torch.stack([torch.linalg.vector_norm(d.grad) for d in perturbations])
+        return ((torch.tensor(norms, dtype=torch.float64) - want).norm() / want.norm()).item()
+
+    assert relative_error(h_norms, dh) < 1e-10
+    if cell == "lstm":
+        assert relative_error(c_norms, dc) < 1e-10
+    else:
+        assert c_norms is None
 
 
 def test_char_lm(tmp_path):
@@ -101,9 +155,10 @@ def test_classify_packed(tmp_path):
 
 def test_vanishing_gradients(tmp_path):
     """Pascanu's bound holds wherever its condition does (σ_max < 1 at every ρ < 1 at init), and training
-    lowers the test MSE of every model by 30 %."""
+    lowers the test MSE of every model by 30 %. The LSTM and GRU rows are there beside them, with finite
+    norms (the LSTM's ‖∂L/∂c_t‖ too), and the figure's right-hand column draws them."""
     figures = [] if importlib.util.find_spec("matplotlib") else None
-    rows, ok = run("vanishing_gradients", tmp_path, figures=figures, recorded="vanishing_gradients.md")
+    rows, ok = run("vanishing_gradients", tmp_path, figures=figures, recorded="vanishing_gradients_cells.md")
     assert ok
     ratios = [n / r["norms"][-1] for r in rows for n in r["norms"]]
     measured = [v for v in ratios if v > 1e-30]  # below: fp32 underflow, no measurement
@@ -112,8 +167,20 @@ def test_vanishing_gradients(tmp_path):
         assert max(1e-30, min(measured) / 100) <= low and high <= 100 * max(measured), (low, high)
     init = {(r["act"], r["rho"]): r for r in rows if r["stage"] == "init"}
     trained = {(r["act"], r["rho"]): r for r in rows if r["stage"] == "trained"}
-    assert len(init) == len(trained) == 10
+    assert len(init) == len(trained) == 12
+    for key in (("lstm", None), ("gru", None)):
+        for r in (init[key], trained[key]):
+            assert r["check"] == "n/a (gated cell)" and len(r["norms"]) == 30
+            assert all(math.isfinite(n) and n > 0 for n in r["norms"] + (r["c_norms"] or []))
+            assert (r["c_norms"] is not None) == (key[0] == "lstm")
+            assert 0 < r["fitted_rate"] < 1.5 and math.isfinite(r["worst_rate"])
+        assert trained[key]["test_mse"] < 0.7 * init[key]["test_mse"], key
+    if figures:
+        labels = [line.get_label() for ax in figures[-1].axes[-2:] for line in ax.get_lines()]
+        assert {"lstm ‖∂L/∂h_t‖", "lstm ‖∂L/∂c_t‖", "gru ‖∂L/∂h_t‖", "tanh Elman, ρ = 1.0"} <= set(labels)
     for key, r in init.items():
+        if key[0] in ("lstm", "gru"):
+            continue
         if key[1] < 1:
             assert r["check"] == "holds" and r["fitted_rate"] <= r["bound"] * 1.001
         assert math.isclose(r["sigma_max"], key[1], rel_tol=1e-5)
