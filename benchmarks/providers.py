@@ -1,8 +1,10 @@
 """What the suite runs: input sets (Problem) and the implementations it compares (Provider).
 
-Every provider computes the same layer, h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh), on the same
-tensors. A provider's `build(problem)` returns a zero-argument callable giving (y, h_n); building is
-where per-input-set work happens (CUDA-graph capture), so the timed call is only the run itself.
+Every provider of a cell computes the same layer on the same tensors: the Elman cell (PROVIDERS),
+h_t = act(x_t W_ihᵀ + b_ih + h_{t-1} W_hhᵀ + b_hh), or the LSTM / GRU (FAMILY_PROVIDERS: nn.LSTM / nn.GRU
+against elman_triton.family's drop-ins, PyTorch's maths and gate order). A provider's `build(problem)`
+returns a zero-argument callable giving the layer's outputs, (y, h_n), or (y, h_n, c_n) for the LSTM;
+building is where per-input-set work happens (CUDA-graph capture), so the timed call is only the run itself.
 """
 from dataclasses import dataclass
 from functools import cache
@@ -11,9 +13,12 @@ from typing import Callable
 import torch
 
 from elman_triton import elman_rnn, elman_rnn_reference, persistent
+from elman_triton.family import GRU, LSTM
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("forward", "backward", "fwd_bwd")
+CELLS = ("elman", "lstm", "gru")
+TORCH_MODULES = {"elman": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,7 @@ class Shape:
     B: int
     H: int
     D: int
+    cell: str = "elman"  # a key of TORCH_MODULES
 
     @property
     def torch_dtype(self):
@@ -31,48 +37,101 @@ class Shape:
 
 @dataclass
 class Problem:
-    """One input set. The weights are the parameters of an nn.RNN module, so cuDNN gets its own
-    flattened weight buffer (no per-call repacking) and every provider's gradients land in the
-    same .grad fields. dy is the upstream gradient for the backward modes (None if not needed)."""
-    rnn: torch.nn.RNN
+    """One input set. The weights are the parameters of an nn.RNN (nn.LSTM, nn.GRU) module, so cuDNN
+    gets its own flattened weight buffer (no per-call repacking) and every provider's gradients land
+    in the same .grad fields. dy is the upstream gradient of y for the backward modes (None if not
+    needed); dstates those of the final states, LSTM / GRU only (h_n, and c_n for the LSTM), so their
+    backward kernels' dh_n / dc_n inputs are checked too. c0: the LSTM's initial cell state."""
+    rnn: torch.nn.RNNBase
     x: torch.Tensor
     h0: torch.Tensor
     dy: torch.Tensor | None
+    c0: torch.Tensor | None = None
+    dstates: tuple = ()
+
+    @property
+    def cell(self):
+        return "lstm" if self.rnn.mode == "LSTM" else "gru" if self.rnn.mode == "GRU" else "elman"
 
     @property
     def nonlinearity(self):
         return self.rnn.nonlinearity
 
     @property
-    def args(self):
-        """(x, h0, weight_ih, weight_hh, bias_ih, bias_hh): elman_rnn's positional arguments."""
+    def weights(self):
         r = self.rnn
-        return self.x, self.h0, r.weight_ih_l0, r.weight_hh_l0, r.bias_ih_l0, r.bias_hh_l0
+        return r.weight_ih_l0, r.weight_hh_l0, r.bias_ih_l0, r.bias_hh_l0
+
+    @property
+    def inputs(self):
+        """(x, h0), or (x, h0, c0) for the LSTM."""
+        return (self.x, self.h0) if self.c0 is None else (self.x, self.h0, self.c0)
+
+    @property
+    def args(self):
+        """Every tensor a gradient is checked for: (x, h0, weight_ih, weight_hh, bias_ih, bias_hh), which
+        are elman_rnn's positional arguments, with the LSTM's c0 after h0."""
+        return (*self.inputs, *self.weights)
+
+    @property
+    def arg_names(self):
+        return ("x", "h0", *(("c0",) if self.c0 is not None else ()), "weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+    @property
+    def output_names(self):
+        return ("y", "h_n", "c_n") if self.cell == "lstm" else ("y", "h_n")
+
+    @property
+    def hx(self):
+        return module_state(self.h0, self.c0)
+
+    def backward(self, outputs, retain_graph=False):
+        """Backpropagate dy (and dstates) through a provider's outputs."""
+        torch.autograd.backward(outputs[:1 + len(self.dstates)], (self.dy, *self.dstates), retain_graph=retain_graph)
 
     def nbytes(self):
-        tensors = (*self.args, self.dy) if self.dy is not None else self.args
+        tensors = (*self.args, *((self.dy, *self.dstates) if self.dy is not None else ()))
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def module_state(h0, c0=None):
+    """A one-layer, one-direction initial state as the torch modules take it: h0 (1, B, H), or
+    (h0, c0) for the LSTM."""
+    return h0.unsqueeze(0) if c0 is None else (h0.unsqueeze(0), c0.unsqueeze(0))
+
+
+def layer_outputs(y, state):
+    """(y, h_n) or (y, h_n, c_n), (B, H) each, from a one-layer, one-direction module's (y, h_n) or
+    (y, (h_n, c_n))."""
+    return (y, *(s[0] for s in (state if isinstance(state, tuple) else (state,))))
+
+
 def make_problem(shape, T, device, generator, nonlinearity, with_dy):
-    """Random inputs at sequence length T (the check may use a shorter T than the timed shape).
-    Weights are drawn like nn.RNN's init, U(-1/√H, 1/√H), so the recurrence neither explodes nor
-    saturates; the draws come from `generator` so a run is reproducible."""
+    """Random inputs at sequence length T (the check may use a shorter T than the timed shape), for
+    the shape's cell (nonlinearity: the Elman cell's). Weights are drawn like nn.RNN's (nn.LSTM's,
+    nn.GRU's) init, U(-1/√H, 1/√H), so the recurrence neither explodes nor saturates; the draws come
+    from `generator` so a run is reproducible."""
     dtype = shape.torch_dtype
 
     def uniform(*size, scale=1.0):
         return (torch.rand(*size, device=device, dtype=dtype, generator=generator) * 2 - 1) * scale
 
-    rnn = torch.nn.RNN(shape.D, shape.H, nonlinearity=nonlinearity, device=device, dtype=dtype)
+    kwargs = {"nonlinearity": nonlinearity} if shape.cell == "elman" else {}
+    rnn = TORCH_MODULES[shape.cell](shape.D, shape.H, device=device, dtype=dtype, **kwargs)
     with torch.no_grad():
         for p in rnn.parameters():  # in place: the cuDNN flat buffer keeps backing the parameters
             p.copy_(uniform(*p.shape, scale=shape.H ** -0.5))
-    return Problem(
+    problem = Problem(
         rnn=rnn,
         x=uniform(T, shape.B, shape.D).requires_grad_(),
         h0=uniform(shape.B, shape.H).requires_grad_(),
         dy=uniform(T, shape.B, shape.H) if with_dy else None,
     )
+    if shape.cell == "lstm":
+        problem.c0 = uniform(shape.B, shape.H).requires_grad_()
+    if shape.cell != "elman" and with_dy:
+        problem.dstates = tuple(uniform(shape.B, shape.H) for _ in problem.output_names[1:])
+    return problem
 
 
 @dataclass(frozen=True)
@@ -113,6 +172,13 @@ class Provider:
         return bool(flag.allow_tf32)
 
 
+def shape_text(fields):
+    """'LSTM bf16 T=1024 B=16 H=768 D=768' from a row's (or asdict(Shape)'s) fields; no cell word for Elman."""
+    cell = fields.get("cell", "elman")
+    return ("" if cell == "elman" else f"{cell.upper()} ") + \
+        f"{fields['dtype']} T={fields['T']} B={fields['B']} H={fields['H']} D={fields['D']}"
+
+
 def one_line(error, limit=300):
     text = f"{type(error).__name__}: {error}".splitlines()[0] if str(error) else type(error).__name__
     return text[:limit]
@@ -121,11 +187,12 @@ def one_line(error, limit=300):
 # ---- builders -------------------------------------------------------------------------------
 
 def _torch_rnn(problem):
+    """nn.RNN, nn.LSTM or nn.GRU itself (the problem's module)."""
     def run():
         # cuDNN's inference path (no reserve space) under no_grad; its training path, which backward needs, otherwise
         problem.rnn.training = torch.is_grad_enabled()
-        y, h_n = problem.rnn(problem.x, problem.h0.unsqueeze(0))
-        return y, h_n[0]
+        y, state = problem.rnn(problem.x, problem.hx)
+        return layer_outputs(y, state)
     return run
 
 
@@ -180,16 +247,44 @@ def _stepwise_graph(problem):
     return replay
 
 
+def _family(backend):
+    """elman_triton.family's LSTM / GRU drop-in on the problem's own parameters (the nn module's
+    Parameter objects, so gradients land where every provider's do), as a user swaps it for nn's."""
+    def build(problem):
+        D, H = problem.rnn.input_size, problem.rnn.hidden_size
+        dtype = problem.rnn.weight_hh_l0.dtype
+        module = (LSTM if problem.cell == "lstm" else GRU)(D, H, device="meta", dtype=dtype, backend=backend)
+        for name, parameter in problem.rnn.named_parameters():
+            setattr(module, name, parameter)
+
+        def run():
+            y, state = module(problem.x, problem.hx)
+            return layer_outputs(y, state)
+        return run
+    return build
+
+
 # ---- descriptions and support checks --------------------------------------------------------
 
 def _describe_torch_rnn(shape, device):
+    name = TORCH_MODULES[shape.cell].__name__
     if device.type != "cuda":
-        return "nn.RNN, native CPU kernel"
+        return f"nn.{name}, native CPU kernel"
     probe = torch.empty(1, device=device, dtype=shape.torch_dtype)
-    # The same test ATen's rnn_tanh/rnn_relu use to pick cuDNN over its own per-step loop.
+    # The same test ATen's rnn_tanh/rnn_relu (lstm, gru) use to pick cuDNN over its own per-step loop.
     if torch.cudnn_is_acceptable(probe):
-        return "nn.RNN, cuDNN"
-    return "nn.RNN, ATen per-step loop (cuDNN does not take this dtype here)"
+        return f"nn.{name}, cuDNN"
+    return f"nn.{name}, ATen per-step loop (cuDNN does not take this dtype here)"
+
+
+def _describe_family(backend):
+    def describe(shape, device):
+        name = f"elman_triton.family.{TORCH_MODULES[shape.cell].__name__}(backend={backend!r})"
+        if backend != "auto":
+            return f"{name}, one launch per step"
+        # family_ops: auto is stepwise on CUDA (no persistent kernels for these cells yet), torch's own on CPU
+        return f"{name} -> stepwise" if device.type == "cuda" else f"{name} -> torch.{shape.cell}, native CPU kernel"
+    return describe
 
 
 def _describe_auto(shape, device):
@@ -229,3 +324,16 @@ PROVIDERS = {p.name: p for p in (
              ours=True, triton=True, check_support=_check_persistent),
     Provider("auto", _op("auto"), _describe_auto, ours=True, runs_baseline_on_cpu=True),
 )}
+
+# The LSTM and GRU (issue 17): nn.LSTM / nn.GRU (cuDNN on a GPU) and elman_triton.family's drop-in with
+# backend="auto", what its users get (stepwise on a GPU, since the persistent kernels take only the Elman
+# cell yet); its "stepwise" backend is checked in Triton's interpreter on CPU (FAMILY_INTERPRETER_PROVIDERS).
+FAMILY_PROVIDERS = {cell: (Provider(f"torch_{cell}", _torch_rnn, _describe_torch_rnn, tf32_flag="cudnn",
+                                    note=f"the baseline for the {cell.upper()} speedups"),
+                           Provider(f"{cell}_auto", _family("auto"), _describe_family("auto"), ours=True,
+                                    runs_baseline_on_cpu=True))
+                    for cell in CELLS[1:]}
+FAMILY_INTERPRETER_PROVIDERS = {cell: (Provider(f"{cell}_stepwise", _family("stepwise"), _describe_family("stepwise"),
+                                                ours=True, triton=True),)
+                                for cell in CELLS[1:]}
+BASELINES = {"elman": "torch_rnn", **{cell: providers[0].name for cell, providers in FAMILY_PROVIDERS.items()}}

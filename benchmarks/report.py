@@ -9,56 +9,60 @@ from typing import Callable
 
 from .measure import CPU_NOTE, ROW_METADATA
 from .module_rows import MODULE_FIELDS, module_markdown
-from .providers import DTYPES, MODES
+from .providers import BASELINES, DTYPES, FAMILY_PROVIDERS, MODES, shape_text
 
 BASELINE, EAGER, OURS = "torch_rnn", "eager", "auto"
 MODE_FLOP_FACTOR = {"forward": 1, "backward": 2, "fwd_bwd": 3}  # backward ≈ 2× forward
 ELEMENT_BYTES = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+GATES = {"elman": 1, "gru": 3, "lstm": 4}  # a cell's matmul columns per hidden unit
 
-SAME_KERNEL_NOTE = ("runs the same native kernel as nn.RNN on this device: its time differs from nn.RNN's "
-                    "only by noise, so no speedup is computed")
+SAME_KERNEL_NOTE = ("runs the same native kernel as the torch module it is compared with (nn.RNN, nn.LSTM, "
+                    "nn.GRU) on this device: its time differs from that module's only by noise, so no speedup "
+                    "is computed")
+SPEEDUP_TEXT = "speedup over torch (nn.RNN; nn.LSTM / nn.GRU for the lstm_ / gru_ providers)"
 NO_GPU_NOTE = ("CPU-only run: GPU figures need a GPU. The Triton kernels are checked for correctness in "
                "Triton's interpreter, not timed (their sweep rows read 'needs_gpu'); cuDNN, peak training "
                "memory, speedups and the targets are GPU measurements. CPU times are taken on one thread "
                f"(torch.set_num_threads(1)) only to show the suite works: {CPU_NOTE}.")
 
 ROW_FIELDS = (
-    "provider", "mode", "dtype", "T", "B", "H", "D", "status", "reason", "backend", "note", "same_kernel_as_baseline",
-    "check_seq", "tolerance", "tf32", "err_y", "err_h_n", "err_grad",
+    "cell", "provider", "mode", "dtype", "T", "B", "H", "D", "status", "reason", "backend", "note",
+    "same_kernel_as_baseline", "check_seq", "tolerance", "tf32", "err_y", "err_h_n", "err_c_n", "err_grad",
     "median_ms", "q20_ms", "q80_ms", "calls", "rotation_sets", "timer",
     "per_step_us", "tflops", "speedup_vs_torch_rnn", "speedup_vs_eager", "peak_train_mem_mib", "peak_mem_note",
     "floor_compute_us", "floor_memory_us", "floor_barrier_us", "floor_us",
     *ROW_METADATA,
 )
-INTERPRETER_FIELDS = ("check", "provider", "kernel", "mode", "dtype", "T", "B", "H", "D", "status", "reason",
-                      "tolerance", "err_y", "err_h_n", "err_grad")
+INTERPRETER_FIELDS = ("check", "cell", "provider", "kernel", "mode", "dtype", "T", "B", "H", "D", "status", "reason",
+                      "tolerance", "err_y", "err_h_n", "err_c_n", "err_grad")
 SHAPE_KEYS = ("dtype", "T", "B", "H", "D")
 
 
-def forward_flops(T, B, H, D):
-    """Input projection plus recurrence: 2·T·B·H·(D + H)."""
-    return 2 * T * B * H * (D + H)
+def forward_flops(T, B, H, D, gates=1):
+    """Input projection plus recurrence: 2·T·B·G·H·(D + H), G = GATES[cell] (the pointwise gate maths
+    is not counted)."""
+    return 2 * T * B * gates * H * (D + H)
 
 
-def mode_flops(mode, T, B, H, D):
-    return MODE_FLOP_FACTOR[mode] * forward_flops(T, B, H, D)
+def mode_flops(mode, T, B, H, D, gates=1):
+    return MODE_FLOP_FACTOR[mode] * forward_flops(T, B, H, D, gates)
 
 
-def min_bytes(mode, dtype, T, B, H, D):
+def min_bytes(mode, dtype, T, B, H, D, gates=1):
     """The least DRAM traffic of a pass: each tensor it must read or write, touched once.
     forward: read x and the weights, write y. backward: read dy, y, x and the weights, write dx and
-    the weight gradients."""
-    inputs, outputs, weights = T * B * D, T * B * H, H * (D + H) + 2 * H
+    the weight gradients. A gated cell has G times the weights (G = GATES[cell])."""
+    inputs, outputs, weights = T * B * D, T * B * H, gates * (H * (D + H) + 2 * H)
     elements = {"forward": inputs + outputs + weights, "backward": 2 * (inputs + outputs + weights)}
     elements["fwd_bwd"] = elements["forward"] + elements["backward"]
     return elements[mode] * ELEMENT_BYTES[dtype]
 
 
-def floor(mode, dtype, T, B, H, D, machine):
+def floor(mode, dtype, T, B, H, D, machine, gates=1):
     """Lower bounds in µs from the measured machine figures; the barrier term is the persistent
     design's (one grid barrier per step, per direction), absent when the barrier was not measured."""
-    compute = mode_flops(mode, T, B, H, D) / (machine["matmul_tflops"][dtype] * 1e12) * 1e6
-    memory = min_bytes(mode, dtype, T, B, H, D) / (machine["copy_gbps"] * 1e9) * 1e6
+    compute = mode_flops(mode, T, B, H, D, gates) / (machine["matmul_tflops"][dtype] * 1e12) * 1e6
+    memory = min_bytes(mode, dtype, T, B, H, D, gates) / (machine["copy_gbps"] * 1e9) * 1e6
     barrier = None
     if machine["barrier_us"] is not None:
         barrier = machine["barrier_us"] * T * (2 if mode == "fwd_bwd" else 1)
@@ -72,19 +76,22 @@ def shape_of(row):
 
 
 def add_derived(rows, machine, speedups=True):
-    """Per-step latency, TFLOP/s, speedups over nn.RNN and the eager loop (same shape and mode in
-    this run), and the floor, written into each row. speedups=False (a CPU run, where they would be
-    no performance result) leaves the speedups None."""
+    """Per-step latency, TFLOP/s, speedups over the torch module of the row's cell (nn.RNN, nn.LSTM,
+    nn.GRU: BASELINES; the field keeps its name speedup_vs_torch_rnn) and over the eager loop (Elman
+    only), same shape and mode in this run, and the floor, written into each row. speedups=False (a CPU
+    run, where they would be no performance result) leaves the speedups None."""
     ok = {(r["provider"], r["mode"], shape_of(r)): r for r in rows if r.get("status") == "ok"}
     for row in rows:
-        dims = shape_of(row)
-        row.update(floor(row["mode"], *dims, machine))
+        dims, cell = shape_of(row), row.get("cell", "elman")
+        row.update(floor(row["mode"], *dims, machine, gates=GATES[cell]))
         if row.get("status") != "ok":
             continue
         seconds = row["median_ms"] * 1e-3
         row["per_step_us"] = seconds * 1e6 / row["T"]
-        row["tflops"] = mode_flops(row["mode"], *dims[1:]) / seconds / 1e12
-        for name, field in ((BASELINE, "speedup_vs_torch_rnn"), (EAGER, "speedup_vs_eager")):
+        row["tflops"] = mode_flops(row["mode"], *dims[1:], gates=GATES[cell]) / seconds / 1e12
+        # the eager loop computes the Elman cell: no speedup of an LSTM or GRU row over it
+        for name, field in ((BASELINES[cell], "speedup_vs_torch_rnn"), (EAGER if cell == "elman" else None,
+                                                                         "speedup_vs_eager")):
             other = ok.get((name, row["mode"], dims))
             row[field] = other["median_ms"] / row["median_ms"] if other and speedups else None
         if row.get("same_kernel_as_baseline"):
@@ -113,6 +120,7 @@ class Target:
     higher_is_better: bool
     unit: str
     shapes: tuple = tuple(TARGET_GRID)
+    ours: str = OURS  # the provider judged
 
     def met(self, value):
         return value >= self.threshold if self.higher_is_better else value <= self.threshold
@@ -143,9 +151,24 @@ TARGETS = (
            max, 1.0, False, "×"),
 )
 
+# The LSTM at FlashRNN's published shape (issue 17; H100, fp16: its fused CUDA LSTM 4.87 ms against cuDNN's
+# 2.01 ms forward): elman_triton.family.LSTM (auto) at least as fast as nn.LSTM (cuDNN).
+ANCHOR = {"cell": "lstm", "T": 1024, "B": 16, "H": 768}
+FAMILY_TARGETS = tuple(
+    Target(f"LSTM {text} at H=768, B=16, T=1024 (bf16, D=H): at least cuDNN's speed (nn.LSTM)", mode,
+           FAMILY_PROVIDERS["lstm"][0].name, _speedup, min, 1.0, True, "×", shapes=((ANCHOR["B"], ANCHOR["H"]),),
+           ours=FAMILY_PROVIDERS["lstm"][1].name)
+    for mode, text in (("forward", "forward"), ("fwd_bwd", "fwd+bwd")))
+
+
+def targets_for(cells):
+    """The targets a run of these cells evaluates: the Elman grid's, and the LSTM anchor's."""
+    return (TARGETS if "elman" in cells else ()) + (FAMILY_TARGETS if "lstm" in cells else ())
+
 
 def evaluate_targets(rows, targets=TARGETS):
-    """PASS / MISS / NOT MEASURED per target, for `auto` (what users get) against the baseline.
+    """PASS / MISS / NOT MEASURED per target, for its provider (`auto` for the Elman targets: what users
+    get) against the baseline.
 
     PASS needs every shape of the target measured. MISS when the measured value misses, when ours
     failed or errored on a target shape, or when a worst-case target is already missed on the shapes
@@ -154,13 +177,15 @@ def evaluate_targets(rows, targets=TARGETS):
     index = {(r["provider"], r["mode"], shape_of(r)): r for r in rows}
     results = []
     for target in targets:
-        values, broken = [], []
+        values, broken, base_broken = [], [], []
         for B, H in target.shapes:
             dims = ("bf16", 1024, B, H, H)
-            ours = index.get((OURS, target.mode, dims))
+            ours = index.get((target.ours, target.mode, dims))
             base = index.get((target.baseline, target.mode, dims)) if target.baseline else None
             if ours is not None and ours["status"] in ("failed", "error"):
                 broken.append(f"B={B},H={H}")
+            if base is not None and base["status"] in ("failed", "error"):
+                base_broken.append(f"{target.baseline} {base['status']} at B={B},H={H}: {base.get('reason')}")
             base_ok = target.baseline is None or (base is not None and base["status"] == "ok")
             if ours is None or ours["status"] != "ok" or not base_ok:
                 continue
@@ -171,9 +196,10 @@ def evaluate_targets(rows, targets=TARGETS):
         complete = len(values) == len(target.shapes)
         measured = "—" if value is None else f"{value:.3g}{target.unit} ({len(values)}/{len(target.shapes)} shapes)"
         if broken:
-            result, detail = "MISS", f"{OURS} failed or errored at {', '.join(broken)}"
+            result, detail = "MISS", f"{target.ours} failed or errored at {', '.join(broken)}"
         elif value is None:
-            result, detail = "NOT MEASURED", "the run has no timed rows for this target's shapes"
+            result = "NOT MEASURED"
+            detail = "; ".join(base_broken) or "the run has no timed rows for this target's shapes"
         elif not target.met(value) and (complete or target.aggregate in (min, max)):
             result, detail = "MISS", ""
         elif complete:
@@ -186,10 +212,10 @@ def evaluate_targets(rows, targets=TARGETS):
     return results
 
 
-def targets_not_evaluated(reason):
+def targets_not_evaluated(reason, targets=TARGETS):
     sign = {True: "≥", False: "≤"}
     return [{"target": t.name, "threshold": f"{sign[t.higher_is_better]} {t.threshold:g}{t.unit}",
-             "measured": "—", "value": None, "result": "NOT MEASURED", "detail": reason} for t in TARGETS]
+             "measured": "—", "value": None, "result": "NOT MEASURED", "detail": reason} for t in targets]
 
 
 # ---- auto's choice --------------------------------------------------------------------------
@@ -261,7 +287,7 @@ def _fmt(value, digits=3):
 
 
 def provider_geomeans(rows):
-    """{mode: {provider: geomean speedup over nn.RNN across this run's shapes}}."""
+    """{mode: {provider: geomean speedup over its cell's torch module across this run's shapes}}."""
     speedups = defaultdict(lambda: defaultdict(list))
     for r in rows:
         if r.get("speedup_vs_torch_rnn"):
@@ -270,7 +296,8 @@ def provider_geomeans(rows):
 
 
 def same_kernel_providers(rows):
-    """Providers that ran nn.RNN's own kernel in this run (auto on CPU), in order of appearance."""
+    """Providers that ran their torch module's own kernel in this run (auto, lstm_auto, gru_auto on CPU),
+    in order of appearance."""
     return list(dict.fromkeys(r["provider"] for r in rows if r.get("same_kernel_as_baseline")))
 
 
@@ -289,20 +316,22 @@ def interpreter_markdown(interpreter_rows):
         return []
     out = ["## Triton kernels in Triton's interpreter (CPU)", "",
            "Without a GPU the Triton kernels are not timed; each is run through the interpreter at tiny shapes "
-           "and checked against float64 (y, h_n and, in training, every gradient). Correctness only.", "",
+           "and checked against float64 (y, h_n, the LSTM's c_n and, in training, every gradient; the lstm_ and "
+           "gru_ rows against nn.LSTM / nn.GRU in float64). Correctness only.", "",
            interpreter_summary(interpreter_rows) or "No check ran.", "",
-           "| check | provider | kernel | mode | dtype | T | B | H | D | status | err y | err h_n | err grad "
-           "| reason |",
-           "|---" * 14 + "|"]
+           "| check | provider | kernel | mode | dtype | T | B | H | D | status | err y | err h_n | err c_n "
+           "| err grad | reason |",
+           "|---" * 15 + "|"]
     out += [f"| {r['check']} | {r['provider']} | {r['kernel']} | {r['mode']} | {r['dtype']} | {r['T']} | {r['B']} "
             f"| {r['H']} | {r['D']} | {r['status']} | {_fmt(r.get('err_y'))} | {_fmt(r.get('err_h_n'))} "
-            f"| {_fmt(r.get('err_grad'))} | {r.get('reason') or ''} |" for r in interpreter_rows]
+            f"| {_fmt(r.get('err_c_n'))} | {_fmt(r.get('err_grad'))} | {r.get('reason') or ''} |"
+            for r in interpreter_rows]
     return out + [""]
 
 
 def summary_markdown(metadata, machine, targets, rows, module_rows=(), interpreter_rows=()):
     gpu = metadata["gpu"]
-    out = [f"# Elman RNN benchmarks: {metadata['device']}, {metadata['date']}", ""]
+    out = [f"# Elman RNN benchmarks (with LSTM / GRU): {metadata['device']}, {metadata['date']}", ""]
     dirty = " (uncommitted changes)" if metadata["git_dirty"] else ""
     out += [f"- torch {metadata['torch']}, triton {metadata['triton']}, CUDA {metadata['cuda']}, "
             f"cuDNN {metadata['cudnn']}, commit {metadata['git_commit']}{dirty}",
@@ -313,7 +342,9 @@ def summary_markdown(metadata, machine, targets, rows, module_rows=(), interpret
     if not gpu:
         out += [f"> **{NO_GPU_NOTE}**", ""]
 
-    out += ["## Targets", "", f"For `{OURS}` (what `elman_rnn` users get) on {GRID_TEXT}.", "",
+    out += ["## Targets", "", f"For `{OURS}` (what `elman_rnn` users get) on {GRID_TEXT}; the LSTM targets for "
+            f"`{FAMILY_PROVIDERS['lstm'][1].name}` (elman_triton.family.LSTM, backend='auto') against "
+            f"`{FAMILY_PROVIDERS['lstm'][0].name}` (nn.LSTM).", "",
             "| target | threshold | measured | result | detail |", "|---|---|---|---|---|"]
     out += [f"| {t['target']} | {t['threshold']} | {t['measured']} | **{t['result']}** | {t['detail']} |"
             for t in targets]
@@ -322,8 +353,9 @@ def summary_markdown(metadata, machine, targets, rows, module_rows=(), interpret
     checked = [r for r in rows if r["status"] in ("ok", "verified", "failed", "error")]
     out += ["", "## Verification", "",
             f"{len(checked) - sum(r['status'] == 'failed' for r in rows)} of {len(checked)} checked rows passed "
-            "(relative norm error of y, h_n and, for backward modes, every gradient, against float64)."]
-    out += [f"- **{r['status']}**: {r['provider']} {r['mode']} {_shape_text(r)}: {r['reason']}" for r in bad]
+            "(relative norm error of y, h_n, the LSTM's c_n and, for backward modes, every gradient, against "
+            "float64; the LSTM and GRU rows against nn.LSTM / nn.GRU in float64)."]
+    out += [f"- **{r['status']}**: {r['provider']} {r['mode']} {shape_text(r)}: {r['reason']}" for r in bad]
     out += [""] + interpreter_markdown(list(interpreter_rows))
 
     out += ["## Machine figures (the floor)" + ("" if gpu else f" ({CPU_NOTE})"), "",
@@ -336,7 +368,7 @@ def summary_markdown(metadata, machine, targets, rows, module_rows=(), interpret
     geo = provider_geomeans(rows)
     if geo:
         names = sorted({p for by in geo.values() for p in by})
-        out += ["## Speedup over nn.RNN (geomean over this run's shapes)", "",
+        out += [f"## {SPEEDUP_TEXT[0].upper()}{SPEEDUP_TEXT[1:]} (geomean over this run's shapes)", "",
                 "| mode | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         out += [f"| {mode} | " + " | ".join(_fmt(geo[mode].get(p)) for p in names) + " |" for mode in geo]
         out += [""]
@@ -348,7 +380,9 @@ def summary_markdown(metadata, machine, targets, rows, module_rows=(), interpret
     out += module_markdown(list(module_rows), gpu)
 
     out += ["## Results", "", "Times are medians; per step = median / T; × columns are speedups "
-            "(same shape and mode); floor = max(FLOPs / matmul peak, bytes / copy bandwidth, barrier × T)."
+            "(same shape and mode; × nn.RNN is over the row's own torch module: nn.LSTM for the lstm_ rows, nn.GRU "
+            "for the gru_ rows); floor = max(FLOPs / matmul peak, bytes / copy bandwidth, barrier × T), FLOPs and "
+            "weights ×4 for the LSTM, ×3 for the GRU."
             + ("" if gpu else f" **{CPU_NOTE}**: one thread, no speedups; the times show the suite runs."), ""]
     for mode in MODES:
         mode_rows = [r for r in rows if r["mode"] == mode]
@@ -373,10 +407,6 @@ def _barrier_text(machine):
         return machine["barrier_note"]
     groups = ", ".join(f"{n} programs {us:.3g} µs" for n, us in machine.get("barrier_us_by_programs", {}).items())
     return f"{machine['barrier_us']:.3g} µs ({machine['barrier_note']})" + (f"; {groups}" if groups else "")
-
-
-def _shape_text(row):
-    return f"{row['dtype']} T={row['T']} B={row['B']} H={row['H']} D={row['D']}"
 
 
 def _preferred(values, preferred):

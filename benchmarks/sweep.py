@@ -1,5 +1,7 @@
 """The sweep: for each shape, check every provider against the float64 reference, then time the
 providers that passed, in each mode. One row per provider × shape × mode, whatever happened.
+A shape's cell (Shape.cell) says which layer: the Elman RNN, whose reference is elman_rnn_reference,
+or the LSTM / GRU, whose reference is nn.LSTM / nn.GRU itself in float64.
 
 Without a GPU the Triton providers are not timed; interpreter_checks runs their kernels through
 Triton's interpreter at a few tiny shapes instead, for correctness only."""
@@ -12,12 +14,11 @@ from elman_triton import elman_rnn_reference, persistent
 from elman_triton.config import INTERPRETED
 
 from .measure import ROW_METADATA, cache_and_budget, make_timer, peak_training_memory, rotation_count
-from .providers import Shape, make_problem, one_line
+from .providers import TORCH_MODULES, Shape, layer_outputs, make_problem, module_state, one_line, shape_text
 
 # ‖a − b‖ / ‖b‖ against the float64 reference.
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
 TF32_TOLERANCE = TOLERANCE["fp16"]  # TF32 products keep fp16's 10-bit mantissa
-ARG_NAMES = ("x", "h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
 @dataclass
@@ -52,20 +53,46 @@ def rel_err(a, b):
 
 @dataclass
 class Reference:
-    y: torch.Tensor
-    h_n: torch.Tensor
-    grads: list | None
+    outputs: tuple  # (y, h_n), or (y, h_n, c_n) for the LSTM: problem.output_names
+    grads: list | None  # of problem.args, in order
+
+    @property
+    def y(self):
+        return self.outputs[0]
+
+    @property
+    def h_n(self):
+        return self.outputs[1]
 
 
 def float64_reference(problem, with_grad):
-    leaves = [t.detach().double().requires_grad_(with_grad) for t in problem.args]
-    with torch.set_grad_enabled(with_grad):
-        y, h_n = elman_rnn_reference(*leaves, nonlinearity=problem.nonlinearity)
+    """The problem's layer in float64: elman_rnn_reference for the Elman cell; for the LSTM / GRU,
+    nn.LSTM / nn.GRU themselves with the problem's weights. Gradients of dy (and dstates) with respect
+    to every tensor in problem.args."""
+    if problem.cell == "elman":
+        leaves = [t.detach().double().requires_grad_(with_grad) for t in problem.args]
+        with torch.set_grad_enabled(with_grad):
+            outputs = elman_rnn_reference(*leaves, nonlinearity=problem.nonlinearity)
+    else:
+        module = TORCH_MODULES[problem.cell](problem.rnn.input_size, problem.rnn.hidden_size,
+                                             device=problem.x.device, dtype=torch.float64)
+        module.load_state_dict(problem.rnn.state_dict())  # copies the weights into float64
+        x, *states = [t.detach().double().requires_grad_(with_grad) for t in problem.inputs]
+        leaves = [x, *states, *module.parameters()]  # nn's parameter order is problem.weights'
+        with torch.set_grad_enabled(with_grad):
+            outputs = layer_outputs(*module(x, module_state(*states)))
     grads = None
     if with_grad:
-        y.backward(problem.dy.double())
-        grads = [t.grad for t in leaves]
-    return Reference(y.detach(), h_n.detach(), grads)
+        cotangents = [t.double() for t in (problem.dy, *problem.dstates)]
+        grads = list(torch.autograd.grad(outputs[:len(cotangents)], leaves, cotangents))
+    return Reference(tuple(t.detach() for t in outputs), grads)
+
+
+def output_errors(outputs, ref, names):
+    """{'err_y': …, 'err_h_n': …[, 'err_c_n': …]}: each output against the reference's."""
+    if len(outputs) != len(names):
+        raise ValueError(f"expected {len(names)} outputs ({', '.join(names)}), got {len(outputs)}")
+    return {f"err_{name}": rel_err(o, r) for name, o, r in zip(names, outputs, ref.outputs)}
 
 
 def verify(provider, problem, ref, training, tol):
@@ -75,16 +102,16 @@ def verify(provider, problem, ref, training, tol):
         run = provider.build(problem)
         if not training:
             with torch.no_grad():
-                y, h_n = run()
-            errors = {"err_y": rel_err(y, ref.y), "err_h_n": rel_err(h_n, ref.h_n)}
+                outputs = run()
+            errors = output_errors(outputs, ref, problem.output_names)
         else:
             for t in problem.args:
                 t.grad = None
-            y, h_n = run()
-            y.backward(problem.dy)
-            errors = {"err_y": rel_err(y, ref.y), "err_h_n": rel_err(h_n, ref.h_n)}
+            outputs = run()
+            problem.backward(outputs)
+            errors = output_errors(outputs, ref, problem.output_names)
             per_input = {name: float("inf") if t.grad is None else rel_err(t.grad, g)
-                         for name, t, g in zip(ARG_NAMES, problem.args, ref.grads)}
+                         for name, t, g in zip(problem.arg_names, problem.args, ref.grads)}
     except Exception as e:
         return {"passed": False, "reason": f"raised {one_line(e)}"}
     finally:
@@ -94,8 +121,8 @@ def verify(provider, problem, ref, training, tol):
 
 
 def judge(errors, tol, per_grad=None):
-    """errors ({'err_y': …, 'err_h_n': …}) with 'passed' and 'reason' added; per_grad ({name: error}
-    of each gradient) adds its worst as 'err_grad', named in the reason when it is too big."""
+    """errors ({'err_y': …, 'err_h_n': …[, 'err_c_n': …]}) with 'passed' and 'reason' added; per_grad
+    ({name: error} of each gradient) adds its worst as 'err_grad', named in the reason when it is too big."""
     worst = max(per_grad, key=per_grad.get) if per_grad else None
     if worst:
         errors = {**errors, "err_grad": per_grad[worst]}
@@ -120,14 +147,13 @@ def time_mode(provider, problems, mode, timer):
         if mode == "fwd_bwd":
             def call():
                 i = next(order)
-                y, _ = runs[i]()
-                y.backward(problems[i].dy)
+                problems[i].backward(runs[i]())
             return timer(call, grads)
-        ys = [run()[0] for run in runs]
+        outputs = [run() for run in runs]
 
         def call():
             i = next(order)
-            ys[i].backward(problems[i].dy, retain_graph=True)
+            problems[i].backward(outputs[i], retain_graph=True)
         return timer(call, grads)
     finally:
         for t in grads:
@@ -230,7 +256,7 @@ def run_sweep(config, metadata, checkpoint=None):
     checkpoint(rows) is called after every shape, so a run cut short still leaves what it measured."""
     timer = make_timer(config.device, config.rep_ms)
     rows = []
-    for shape in progress(config.shapes, lambda s: f"{s.dtype} T={s.T} B={s.B} H={s.H} D={s.D}"):
+    for shape in progress(config.shapes, lambda s: shape_text(asdict(s))):
         try:
             shape_rows = run_shape(shape, config, timer)
         except Exception as e:  # e.g. out of memory making the inputs: report the shape, go on
@@ -251,6 +277,9 @@ def run_sweep(config, metadata, checkpoint=None):
 # small-H kernel and H = 72 (above SMALL_H_MAX[fp32] = 64) its large-H one, split over column programs;
 # bf16 takes the half-precision path (bf16 storage, fp32 state).
 INTERPRETER_SHAPES = (Shape("fp32", 5, 3, 17, 11), Shape("fp32", 4, 2, 72, 9), Shape("bf16", 5, 3, 17, 11))
+# The LSTM's and GRU's stepwise kernels (the cell as a constexpr): one tiny odd shape each, against nn.LSTM /
+# nn.GRU in float64, with gradients of h_n (and c_n) as well as y flowing into the backward kernels.
+FAMILY_INTERPRETER_SHAPES = {cell: (Shape("fp32", 5, 3, 17, 11, cell),) for cell in ("lstm", "gru")}
 INTERPRETER_MODES = {"inference": False, "training": True}  # mode name -> with gradients
 
 
@@ -263,16 +292,17 @@ def interpreter_kernel(provider, shape):
     return "small-H kernel" if small else "large-H kernel"
 
 
-def interpreter_checks(providers, nonlinearity="tanh", seed=0):
+def interpreter_checks(providers, nonlinearity="tanh", seed=0, shapes=INTERPRETER_SHAPES):
     """The Triton providers among `providers`, run through Triton's interpreter on CPU at each of
-    INTERPRETER_SHAPES and checked against the float64 reference: inference (y, h_n) and training
+    `shapes` (INTERPRETER_SHAPES, the Elman cell's; FAMILY_INTERPRETER_SHAPES[cell] for the LSTM's and
+    GRU's providers) and checked against the float64 reference: inference (y, h_n[, c_n]) and training
     (also the gradient of every input and weight). Correctness only: nothing is timed. One row per
     provider × shape × mode; status passed, failed, unsupported, needs_gpu (the provider cannot run
     in the interpreter) or not_run (this process imported the kernels without TRITON_INTERPRET=1)."""
     triton_providers = [p for p in providers if p.triton]
     device = torch.device("cpu")
     rows = []
-    for shape in INTERPRETER_SHAPES if triton_providers else ():
+    for shape in shapes if triton_providers else ():
         problem = make_problem(shape, shape.T, device, torch.Generator().manual_seed(seed), nonlinearity, True)
         reference = float64_reference(problem, with_grad=True)
         for p, (mode, training) in itertools.product(triton_providers, INTERPRETER_MODES.items()):

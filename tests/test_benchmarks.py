@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not 
 import benchmarks  # noqa: E402
 from benchmarks import cli, module_rows, report, sweep  # noqa: E402
 from benchmarks.measure import ROW_METADATA, make_timer, rotation_count  # noqa: E402
-from benchmarks.providers import PROVIDERS, Provider, Shape  # noqa: E402
+from benchmarks.providers import FAMILY_PROVIDERS, PROVIDERS, Provider, Shape  # noqa: E402
 from elman_triton import elman_rnn_reference  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -48,12 +48,14 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert (out / name).stat().st_size > 0, name
 
     doc = json.loads((out / "results.json").read_text())
-    rows = doc["rows"]
+    all_rows = doc["rows"]
+    rows = [r for r in all_rows if r["cell"] == "elman"]
     assert doc["metadata"]["complete"] is True
     assert len(rows) == len(providers) * 3
     with (out / "results.csv").open() as f:
-        assert len(list(csv.DictReader(f))) == len(rows)
-    for row in rows:
+        assert len(list(csv.DictReader(f))) == len(all_rows)
+    check_family_rows([r for r in all_rows if r["cell"] != "elman"], doc["targets"], proc.stdout)
+    for row in all_rows:
         assert all(key in row for key in ROW_METADATA)
         assert row["torch"] == torch.__version__ and row["device"] and row["git_commit"]
         assert row["floor_us"] > 0
@@ -82,7 +84,7 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert "GPU figures need a GPU" in summary and "GPU figures need a GPU" in proc.stdout
         assert doc["metadata"]["cpu_threads"] == 1 and "one thread (torch.set_num_threads(1))" in proc.stdout
         # no speedup anywhere (auto on CPU is nn.RNN's own kernel; the rest is one CPU thread), no plots
-        assert all(r["speedup_vs_torch_rnn"] is None and r["speedup_vs_eager"] is None for r in rows)
+        assert all(r["speedup_vs_torch_rnn"] is None and r["speedup_vs_eager"] is None for r in all_rows)
         assert not any(line.startswith("speedup") for line in proc.stdout.splitlines())
         assert "×)" not in proc.stdout and "÷" not in proc.stdout  # module speedups, packed ÷ padded
         assert "## Speedup" not in summary and not list(out.glob("*.png"))
@@ -95,10 +97,42 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert doc["interpreter_rows"] == []
 
 
+def check_family_rows(rows, targets, stdout):
+    """The LSTM and GRU rows (--family default: all): nn.LSTM / nn.GRU and ours (auto) in forward and fwd+bwd
+    at the sweep's shape (on CPU only its largest), all verified against nn's module in float64 (the LSTM's
+    c_n too) and timed; on CPU auto is nn's own kernel (no speedup), the anchor target is not evaluated."""
+    expected = {(name, cell) for cell in ("lstm", "gru") for name in (f"torch_{cell}", f"{cell}_auto")}
+    assert {(r["provider"], r["cell"]) for r in rows} == expected
+    assert {r["mode"] for r in rows} == {"forward", "fwd_bwd"}
+    for r in rows:
+        if CUDA and r["T"] != 8:  # the LSTM anchor shape, timed only if bf16 is in the run
+            continue
+        assert r["status"] == "ok", r
+        assert r["err_y"] <= r["tolerance"] and r["err_h_n"] <= r["tolerance"] and r["median_ms"] > 0
+        assert (r["err_c_n"] is not None) == (r["cell"] == "lstm")
+        if r["cell"] == "lstm":
+            assert r["err_c_n"] <= r["tolerance"]
+        if r["mode"] == "fwd_bwd":
+            assert r["err_grad"] <= r["tolerance"]
+        # FLOPs count the cell's gates: 4 (LSTM) or 3 (GRU) times the Elman layer's
+        gates = 4 if r["cell"] == "lstm" else 3
+        flops = report.mode_flops(r["mode"], r["T"], r["B"], r["H"], r["D"], gates)
+        assert r["tflops"] == pytest.approx(flops / (r["median_ms"] * 1e-3) / 1e12)
+        assert r["speedup_vs_eager"] is None
+    anchor = [t for t in targets if t["target"].startswith("LSTM")]
+    assert [t["target"] for t in anchor] == [t.name for t in report.FAMILY_TARGETS]
+    if not CUDA:
+        assert {t["result"] for t in anchor} == {"NOT MEASURED"}
+        assert "lstm_auto: " + report.SAME_KERNEL_NOTE in stdout
+    for cell in ("LSTM", "GRU"):
+        assert f"{cell}: 1 shapes × 2 providers" in stdout
+
+
 def check_interpreter_rows(rows, summary, stdout):
     """Every Triton backend was checked in the interpreter (stepwise_graph, a CUDA-graph replay, says
     why not): persistent's small- and large-H kernels, the layer in inference and training, and the
-    module (2 layers, bidirectional, packed); all passed, within the float64 tolerance."""
+    module (2 layers, bidirectional, packed); all passed, within the float64 tolerance. The LSTM's and
+    GRU's stepwise kernels too, against nn.LSTM / nn.GRU (c_n included), in inference and training."""
     ran = [r for r in rows if r["status"] != "needs_gpu"]
     assert {r["provider"] for r in rows if r["status"] == "needs_gpu"} == {"stepwise_graph"}
     assert all(r["status"] == "passed" for r in ran), [r for r in ran if r["status"] != "passed"]
@@ -110,6 +144,12 @@ def check_interpreter_rows(rows, summary, stdout):
         assert {(provider, kernel, "layer", m) for m in ("inference", "training")} <= checked
     for provider in ("stepwise", "persistent"):
         assert any(c[0] == provider and c[2] == "module" and c[3] == "training" for c in checked)
+    for cell in ("lstm", "gru"):
+        family = [r for r in ran if r["cell"] == cell]
+        assert {(r["provider"], r["kernel"], r["mode"]) for r in family} == {
+            (f"{cell}_stepwise", "one launch per step", m) for m in ("inference", "training")}
+        assert all((r["err_c_n"] is not None) == (cell == "lstm") for r in family)
+        assert all(r["err_c_n"] <= r["tolerance"] for r in family if cell == "lstm")
     assert {r["dtype"] for r in ran} == {"fp32", "bf16"}
     assert f"Triton's interpreter (correctness, not timed): {len(ran)}/{len(ran)} checks passed" in stdout
     assert "## Triton kernels in Triton's interpreter" in summary
@@ -205,9 +245,105 @@ def test_interpreter_checks_report_a_wrong_kernel(tmp_path, capsys):
     assert ("FAILED: interpreter layer wrong" in capsys.readouterr().out) == INTERPRETED
 
 
+class _ScaledGradient(torch.autograd.Function):
+    """Identity forward, gradient 10% too large: a backward kernel that is wrong while the forward is right."""
+    @staticmethod
+    def forward(ctx, t):
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return 1.1 * grad
+
+
+def _wrong_family(output=None, gradient=False):
+    """nn.LSTM / nn.GRU made wrong: one output (index: 0 y, 1 h_n, 2 c_n) 10% too large, or y's gradient."""
+    def build(problem):
+        run = FAMILY_PROVIDERS[problem.cell][0].build(problem)
+
+        def wrong():
+            outputs = list(run())
+            if output is not None:
+                outputs[output] = 1.1 * outputs[output]
+            if gradient:
+                outputs[0] = _ScaledGradient.apply(outputs[0])
+            return tuple(outputs)
+        return wrong
+    return build
+
+
+def test_family_interpreter_checks_report_a_wrong_kernel(tmp_path, capsys):
+    """The LSTM / GRU interpreter rows judge every output and gradient against nn's module in float64: a
+    kernel wrong in y, in the LSTM's c_n alone, or in its backward alone fails its rows and the exit status."""
+    from elman_triton.config import INTERPRETED
+    wrong = {"y": _fake("wrong_y", _wrong_family(output=0), triton=True, ours=True),
+             "c_n": _fake("wrong_c_n", _wrong_family(output=2), triton=True, ours=True),
+             "grad": _fake("wrong_grad", _wrong_family(gradient=True), triton=True, ours=True)}
+    rows = sweep.interpreter_checks(list(wrong.values()), shapes=sweep.FAMILY_INTERPRETER_SHAPES["lstm"])
+    assert len(rows) == 3 * 2 and {r["cell"] for r in rows} == {"lstm"}
+    by = {(r["provider"], r["mode"]): r for r in rows}
+    if not INTERPRETED:  # a GPU process: its kernels are compiled, not interpreted
+        assert {r["status"] for r in rows} == {"not_run"}
+        return
+    for mode in ("inference", "training"):
+        assert by["wrong_y", mode]["status"] == "failed" and by["wrong_y", mode]["err_y"] > 0.05
+        c_n = by["wrong_c_n", mode]
+        assert c_n["status"] == "failed" and "err_c_n" in c_n["reason"] and c_n["err_y"] < 1e-6
+    assert by["wrong_grad", "inference"]["status"] == "passed"
+    assert by["wrong_grad", "training"]["status"] == "failed" and by["wrong_grad", "training"]["err_grad"] > 0.05
+    gru = sweep.interpreter_checks([wrong["y"]], shapes=sweep.FAMILY_INTERPRETER_SHAPES["gru"])
+    assert [r["status"] for r in gru] == ["failed", "failed"] and all(r.get("err_c_n") is None for r in gru)
+    status = cli.report_to_stdout([], [], list(wrong.values()), tmp_path, [], torch.device("cpu"), interpreted=rows)
+    assert status == 1 and "FAILED: interpreter layer wrong_c_n" in capsys.readouterr().out
+
+
+def test_family_rows_and_their_exit_status(tmp_path, monkeypatch):
+    """--family lstm runs the LSTM alone (no Elman rows, interpreter rows or module rows), forward and fwd+bwd
+    of --modes; ours failing verification there fails the run, the baseline failing does not."""
+    argv = ["--out", str(tmp_path), *TINY, "--family", "lstm", "--verify-only", "--modes", "forward", "backward"]
+    monkeypatch.setitem(cli.FAMILY_INTERPRETER_PROVIDERS, "lstm", ())  # the interpreter's rows: the test above
+    assert cli.main(argv) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert {(r["cell"], r["provider"], r["mode"], r["status"]) for r in doc["rows"]} == {
+        ("lstm", "torch_lstm", "forward", "verified"), ("lstm", "lstm_auto", "forward", "verified")}
+    assert doc["module_rows"] == [] and doc["metadata"]["cells"] == ["lstm"]
+    assert [t["target"] for t in doc["targets"]] == [t.name for t in report.FAMILY_TARGETS]
+    baseline, ours = FAMILY_PROVIDERS["lstm"]
+    monkeypatch.setitem(cli.FAMILY_PROVIDERS, "lstm", (dataclasses.replace(baseline, build=_wrong_family(0)), ours))
+    assert cli.main(argv) == 0
+    monkeypatch.setitem(cli.FAMILY_PROVIDERS, "lstm", (baseline, dataclasses.replace(ours, build=_wrong_family(2))))
+    assert cli.main(argv) == 1
+    assert "**failed**: lstm_auto forward LSTM fp32 T=8 B=2 H=32" in (tmp_path / "summary.md").read_text()
+
+
+def test_family_flag_and_shapes():
+    """--family takes commas or words; the LSTM / GRU run the Elman grid (on CPU its largest shape only), the
+    LSTM on a GPU with bf16 starting with the anchor H=768, B=16, T=1024."""
+    def family(*argv, device="cuda"):
+        args = cli.parse_args(list(argv))
+        return args.family, cli.family_shapes(args, torch.device(device), cli.sweep_shapes(args, torch.device(device)))
+    cells, shapes = family("--standard")
+    assert cells == ["elman", "lstm", "gru"] and list(shapes) == ["lstm", "gru"]
+    assert shapes["lstm"][0] == Shape("bf16", 1024, 16, 768, 768, "lstm") and len(shapes["lstm"]) == 17
+    assert len(shapes["gru"]) == 16 and {s.cell for s in shapes["gru"]} == {"gru"}
+    assert {(s.B, s.H) for s in shapes["gru"]} == set(report.TARGET_GRID)
+    assert family("--standard", "--family", "lstm,gru", "--batch", "16", "--hidden", "768")[1]["lstm"] == [
+        Shape("bf16", 1024, 16, 768, 768, "lstm")]  # the anchor once
+    assert family("--family", "elman") == (["elman"], {})
+    assert family("--family", "gru", "elman,gru")[0] == ["gru", "elman"]
+    fp16 = family("--family", "lstm", "--dtype", "fp16")[1]["lstm"]  # no bf16 in the run: no anchor
+    assert len(fp16) == 4 and {s.dtype for s in fp16} == {"fp16"}
+    cells, shapes = family(device="cpu")
+    assert {cell: [(s.T, s.B, s.H) for s in v] for cell, v in shapes.items()} == {"lstm": [(32, 8, 64)],
+                                                                                 "gru": [(32, 8, 64)]}
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--family", "lstm,rnn"])
+
+
 def test_exit_status_is_1_when_our_provider_fails_verification(tmp_path, monkeypatch):
     monkeypatch.setitem(cli.PROVIDERS, "auto", dataclasses.replace(PROVIDERS["auto"], build=_scaled_reference))
-    status = cli.main(["--out", str(tmp_path), *TINY, "--providers", "eager", "auto", "--modes", "forward"])
+    status = cli.main(["--out", str(tmp_path), *TINY, "--providers", "eager", "auto", "--modes", "forward",
+                       "--family", "elman"])
     assert status == 1
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {r["provider"]: r["status"] for r in rows} == {"eager": "ok", "auto": "failed"}
@@ -225,6 +361,38 @@ def test_presets_and_overrides():
         Shape("bf16", 1024, 16, 1024, 64), Shape("bf16", 1024, 16, 1024, 128)]
     quick_cpu = cli.sweep_shapes(cli.parse_args([]), torch.device("cpu"))
     assert {s.dtype for s in quick_cpu} == {"fp32"} and max(s.T for s in quick_cpu) <= 64
+
+
+def test_family_targets_and_derived_figures():
+    """The LSTM anchor (H=768, B=16, T=1024): PASS at cuDNN's speed or better, a MISS below it, NOT MEASURED
+    naming the baseline when nn.LSTM failed; speedups are over the row's own torch module (nn.LSTM, not
+    nn.RNN at the same shape) and never over the Elman eager loop; FLOPs and weights count the gates."""
+    def rows(speedup, fwd_bwd_speedup=1.5, base_status="ok"):
+        def row(cell, provider, mode, ms, status="ok"):
+            return {"cell": cell, "provider": provider, "mode": mode, "dtype": "bf16", "T": 1024, "B": 16, "H": 768,
+                    "D": 768, "status": status, "median_ms": ms, "reason": "cuDNN refused bf16"}
+        return [row("lstm", "lstm_auto", "forward", 2.0),
+                row("lstm", "torch_lstm", "forward", 2.0 * speedup, base_status),
+                row("lstm", "lstm_auto", "fwd_bwd", 4.0), row("lstm", "torch_lstm", "fwd_bwd", 4.0 * fwd_bwd_speedup),
+                row("elman", "torch_rnn", "forward", 1.0), row("elman", "eager", "forward", 100.0)]
+    targets = report.targets_for(["lstm"])
+    assert targets == report.FAMILY_TARGETS and report.targets_for(["elman", "gru"]) == report.TARGETS
+    assert [t["result"] for t in report.evaluate_targets(rows(1.2), targets)] == ["PASS", "PASS"]
+    results = report.evaluate_targets(rows(0.5), targets)
+    assert [t["result"] for t in results] == ["MISS", "PASS"] and results[0]["value"] == pytest.approx(0.5)
+    failed = report.evaluate_targets(rows(1.2, base_status="failed"), targets)
+    assert failed[0]["result"] == "NOT MEASURED"
+    assert "torch_lstm failed at B=16,H=768: cuDNN refused" in failed[0]["detail"]
+    assert [t["result"] for t in report.evaluate_targets(rows(1.2))] == ["NOT MEASURED"] * 6  # the Elman targets
+
+    machine = {"matmul_tflops": {"bf16": 1.0}, "copy_gbps": 1.0, "barrier_us": None}
+    derived = rows(0.5)
+    report.add_derived(derived, machine)
+    ours = derived[0]
+    assert ours["speedup_vs_torch_rnn"] == pytest.approx(0.5) and ours["speedup_vs_eager"] is None
+    assert ours["tflops"] == pytest.approx(4 * report.forward_flops(1024, 16, 768, 768) / 2e-3 / 1e12)
+    assert report.min_bytes("forward", "bf16", 8, 2, 4, 3, gates=4) - report.min_bytes("forward", "bf16", 8, 2, 4, 3) \
+        == 2 * 3 * (4 * (3 + 4) + 2 * 4)
 
 
 def test_flops_bytes_and_floor():
@@ -363,7 +531,7 @@ def test_runs_without_the_bench_extras(monkeypatch, tmp_path, capsys):
     assert report.write_plots(tmp_path, []) is None
     threads = torch.get_num_threads()
     status = cli.main(["--out", str(tmp_path), *TINY, "--providers", "eager", "--modes", "forward",
-                       "--no-module-rows"])
+                       "--no-module-rows", "--family", "elman"])
     assert status == 0 and (tmp_path / "summary.md").exists() and not list(tmp_path.glob("*.png"))
     # a GPU run has nothing to plot with; a CPU run plots nothing anyway
     expected = "no plots (matplotlib is not installed)" if CUDA else f"no plots ({report.CPU_NOTE})"
@@ -399,7 +567,8 @@ def test_runs_from_any_folder(tmp_path):
     before the CLI can set TRITON_INTERPRET, so the CLI starts the process again with it set)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "elman_triton.bench", "--out", "out", *TINY, "--verify-only",
-                           "--providers", "eager", "stepwise", "--modes", "forward", "--no-module-rows"],
+                           "--providers", "eager", "stepwise", "--modes", "forward", "--no-module-rows",
+                           "--family", "elman"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
