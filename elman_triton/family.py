@@ -75,7 +75,8 @@ class LSTM(nn.RNNBase):
 
     def forward(self, input, hx=None):
         """Same contract as torch.nn.LSTM.forward: (output, (h_n, c_n)); PackedSequence in, PackedSequence out."""
-        self._update_flat_weights()
+        if not torch.compiler.is_exporting():  # as ElmanRNN.forward: export warns of the attributes it sets
+            self._update_flat_weights()
         num_directions = 2 if self.bidirectional else 1
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         batch = None
