@@ -6,9 +6,10 @@ The Triton path is the Elman op's with G gates (G = 3 GRU, 4 LSTM; the kernels' 
 
     forward:  xp = x W_ihᵀ, one GEMM over all T·B rows, all gates and both directions, into a gate buffer
               of dirs·G·Hp columns (each gate's block padded to Hp = H rounded up to 16); then one fused
-              launch per step (kernels/stepwise.py) writes y, the activated gates and aux (LSTM's c_t,
-              GRU's ĥ_t = h W_hnᵀ + b_hn) for the backward.
-    backward: one launch per step in reverse writes dz (the gradients of every gate's pre-activation);
+              launch per step (kernels/stepwise.py), or one for the whole sequence (persistent small-H,
+              kernels/persistent_small.py), writes y, the activated gates and aux (LSTM's c_t, GRU's
+              ĥ_t = h W_hnᵀ + b_hn) for the backward.
+    backward: the reverse loop, the same way, writes dz (the gradients of every gate's pre-activation);
               dW_hh, db, and (through the GEMM's autograd) dx and dW_ih are GEMMs and sums after it.
 
 Saved for the backward, per step and unit: h_t (y, the output), the G activated gates (storage dtype)
@@ -16,9 +17,11 @@ and aux (fp32; fp64 for fp64). That is (G + 1) storage values and one fp32 per u
 alternative, recomputing the gates, would repeat the h W_hhᵀ GEMM of every step in the backward.
 LSTM's c is carried between steps in that fp32 aux sequence (never rounded to 16 bits), GRU's h in y.
 
-Backends: "stepwise" (Triton); "reference" (the PyTorch loop); "auto": on CUDA stepwise (the persistent
-kernels do not take these cells yet), on CPU PyTorch's own torch.lstm / torch.gru (the loop where
-those cannot serve: a reverse-only layer with lengths). "persistent" raises NotImplementedError.
+Backends: "stepwise" (Triton); "persistent" (Triton, the small-H kernel: H within
+persistent.CELL_SMALL_H_MAX, e.g. 128 in 16-bit; beyond it ValueError, the persistent-large kernel takes
+only the Elman cell); "reference" (the PyTorch loop); "auto": on CUDA persistent within those limits,
+else stepwise, on CPU PyTorch's own torch.lstm / torch.gru (the loop where those cannot serve: a
+reverse-only layer with lengths).
 LSTM with proj_size (weights_hr) runs the reference loop on the Triton backends: a slower path that
 gives the same values and gradients.
 
@@ -28,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from elman_triton import stepwise
+from elman_triton import persistent, stepwise
 from elman_triton.config import INTERPRETED, SUPPORTED_DTYPES, Layout, accumulator_dtype, kernel_options, padded
-from elman_triton.ops import BACKENDS, _padded_rows, _recurrent_weight_grad, _reversed, _stack, check_lengths
+from elman_triton.ops import (BACKENDS, TRITON_BACKENDS, _padded_rows, _recurrent_weight_grad, _reversed, _stack,
+                              check_layer_inputs, check_lengths)
 from elman_triton.reference import gru_reference, lstm_reference
 
 GATES = {"gru": 3, "lstm": 4}
@@ -90,18 +94,16 @@ def run_cell_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih=None, bias
                             batch_first)
     if lengths is not None:
         check_lengths(lengths, T, B, x.device, values=not lengths_are_valid)
-    if backend == "persistent":
-        raise NotImplementedError(f"backend='persistent' has no {cell.upper()} kernels yet: the persistent kernels "
-                                  "(kernels/persistent_small.py, persistent_large.py) take only the Elman cell; "
-                                  "use backend='stepwise' or 'auto'")
+    if backend == "persistent" and B > 0 and weights_hr is None:  # proj_size: the reference loop
+        persistent.cell_check_supported(G, H, x.dtype)
     if B == 0:  # an empty batch, which nn.LSTM / nn.GRU accept: empty outputs, zero weight gradients
         backend = "reference"
     if backend == "auto":
         if x.device.type == "cuda":
-            backend = "stepwise"
+            backend = "persistent" if persistent.cell_supports(G, H, x.dtype) else "stepwise"
         else:  # PyTorch's native kernel, except for a reverse-only layer with lengths (it has none)
             backend = "native" if lengths is None or not (reverse or torch.compiler.is_compiling()) else "reference"
-    if backend == "stepwise" and weights_hr is not None:
+    if backend in TRITON_BACKENDS and weights_hr is not None:
         backend = "reference"  # proj_size: the documented slower path
     if backend == "reference":
         return _reference_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih, biases_hh, weights_hr, reverse,
@@ -126,7 +128,7 @@ def run_cell_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih=None, bias
     bias = _bias_slots(cell, biases_ih, biases_hh, dirs, H, x)
     h0 = x.new_zeros(dirs, B, H) if h0 is None else h0
     c0 = (x.new_zeros(dirs, B, H) if c0 is None else c0) if G == 4 else h0
-    args = (xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first)
+    args = (xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first, backend)
     if torch.compiler.is_compiling():
         y, h_n, c_n, _, _ = torch.ops.elman_triton.cell_recurrence(*args)
     else:
@@ -150,9 +152,10 @@ def _bias_slots(cell, biases_ih, biases_hh, dirs, H, x):
     return torch.cat([b_ih[:, :2] + b_hh[:, :2], b_hh[:, 2:], b_ih[:, 2:]], dim=1)
 
 
-def _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first):
-    """Run the recurrence: (y, h_n, c_n, gates, aux), y in the padded sequence layout; gates and aux are
-    what the backward reads (see the module docstring). GRU's c_n is an empty placeholder."""
+def _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first, backend):
+    """Run the recurrence on backend ("stepwise" or "persistent"): (y, h_n, c_n, gates, aux), y in the
+    padded sequence layout; gates and aux are what the backward reads (see the module docstring). GRU's
+    c_n is an empty placeholder."""
     dirs, _, Hp = w_hh.shape
     H = w_hh.shape[1] // G
     T, B = (xp.shape[1], xp.shape[0]) if batch_first else xp.shape[:2]
@@ -162,20 +165,22 @@ def _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first):
     h_n = xp.new_empty(dirs, B, H)
     c_n = xp.new_empty(dirs, B, H) if G == 4 else xp.new_empty(0)
     h0p, c0p = _padded_states(h0, c0, Hp)
-    stepwise.cell_forward_recurrence(G, xp, y, gates, aux, h0p, c0p, w_hh, bias, h_n, c_n, lengths,
-                                     kernel_options(xp.dtype, "tanh"), Layout.of(y, H, dirs, batch_first, reverse))
+    TRITON_BACKENDS[backend].cell_forward_recurrence(G, xp, y, gates, aux, h0p, c0p, w_hh, bias, h_n, c_n, lengths,
+                                                     kernel_options(xp.dtype, "tanh"),
+                                                     Layout.of(y, H, dirs, batch_first, reverse))
     return y, h_n, c_n, gates, aux
 
 
-def _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first):
+def _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first, backend):
     """The reverse loop: (dz, dh0, dc0), dz with S = gate_slots(G) slots per direction (GRU's dc0 empty)."""
     dirs, _, Hp = w_hh.shape
     lay = Layout.of(y, w_hh.shape[1] // G, dirs, batch_first, reverse)
     S = stepwise.gate_slots(G)
     dz = y.new_empty((lay.B, lay.T, dirs * S * Hp) if batch_first else (lay.T, lay.B, dirs * S * Hp))
     h0p, c0p = _padded_states(h0, c0, Hp)
-    dh0, dc0 = stepwise.cell_backward_recurrence(G, dy, dh_n, dc_n if G == 4 else None, y, h0p, gates, aux, c0p, w_hh,
-                                                 dz, lengths, kernel_options(y.dtype, "tanh"), lay)
+    dh0, dc0 = TRITON_BACKENDS[backend].cell_backward_recurrence(G, dy, dh_n, dc_n if G == 4 else None, y, h0p, gates,
+                                                                 aux, c0p, w_hh, dz, lengths,
+                                                                 kernel_options(y.dtype, "tanh"), lay)
     return dz, dh0.contiguous(), dc0.contiguous() if G == 4 else dh0.new_empty(0)
 
 
@@ -186,10 +191,11 @@ def _padded_states(h0, c0, Hp):
 
 
 def _save(ctx, inputs, outputs):
-    xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first = inputs
+    xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first, backend = inputs
     y, _, _, gates, aux = outputs
     ctx.save_for_backward(h0, c0, w_hh, y, gates, aux, lengths)
     ctx.G, ctx.reverse, ctx.batch_first, ctx.has_bias = G, reverse, batch_first, bias is not None
+    ctx.backend = backend
 
 
 def _gradients(ctx, dy, dh_n, dc_n, backward):
@@ -206,7 +212,8 @@ def _gradients(ctx, dy, dh_n, dc_n, backward):
     dy = torch.zeros_like(y) if dy is None else dy
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     dc_n = torch.zeros_like(h0) if dc_n is None or G != 4 else dc_n
-    dz, dh0, dc0 = backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, ctx.reverse, ctx.batch_first)
+    dz, dh0, dc0 = backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, ctx.reverse, ctx.batch_first,
+                            ctx.backend)
     slots = dz.unflatten(2, (dirs, S, Hp))
     # GRU's input side of n is slot 3 (its slot 2 is the hidden side, scaled by r): one gather.
     dxp = dz if S == G else slots[:, :, :, [0, 1, 3]].flatten(2)
@@ -223,11 +230,11 @@ def _gradients(ctx, dy, dh_n, dc_n, backward):
     db = slots[..., :H].sum((0, 1), dtype=accumulator_dtype(y.dtype)) if ctx.has_bias and need[4] else None
     dh0 = dh0.to(y.dtype) if need[1] else None
     dc0 = dc0.to(y.dtype) if G == 4 and need[2] else None
-    return dxp, dh0, dc0, dw_hh, db, None, None, None, None
+    return dxp, dh0, dc0, dw_hh, db, None, None, None, None, None
 
 
 class _CellRecurrence(torch.autograd.Function):
-    """The eager path: (xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first) → (y, h_n, c_n, gates,
+    """The eager path: (xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first, backend) → (y, h_n, c_n, gates,
     aux), y in the padded sequence layout; gates and aux are saved for the backward, not for the caller."""
 
     @staticmethod
@@ -249,13 +256,13 @@ class _CellRecurrence(torch.autograd.Function):
 @torch.library.custom_op("elman_triton::cell_recurrence", mutates_args=())
 def _cell_recurrence_op(xp: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                         bias: torch.Tensor | None, lengths: torch.Tensor | None, G: int, reverse: bool,
-                        batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                    torch.Tensor]:
-    return _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first)
+                        batch_first: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                  torch.Tensor, torch.Tensor]:
+    return _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first, backend)
 
 
 @_cell_recurrence_op.register_fake
-def _(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first):
+def _(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first, backend):
     dirs, _, Hp = w_hh.shape
     T, B = (xp.shape[1], xp.shape[0]) if batch_first else xp.shape[:2]
     y = xp.new_empty((B, T, dirs * Hp) if batch_first else (T, B, dirs * Hp))
@@ -266,13 +273,13 @@ def _(xp, h0, c0, w_hh, bias, lengths, G, reverse, batch_first):
 @torch.library.custom_op("elman_triton::cell_recurrence_backward", mutates_args=())
 def _cell_backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, y: torch.Tensor, h0: torch.Tensor,
                       c0: torch.Tensor, w_hh: torch.Tensor, gates: torch.Tensor, aux: torch.Tensor,
-                      lengths: torch.Tensor | None, G: int, reverse: bool,
-                      batch_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first)
+                      lengths: torch.Tensor | None, G: int, reverse: bool, batch_first: bool,
+                      backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first, backend)
 
 
 @_cell_backward_op.register_fake
-def _(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first):
+def _(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, reverse, batch_first, backend):
     S, dirs, Hp = stepwise.gate_slots(G), w_hh.shape[0], w_hh.shape[2]
     dz = y.new_empty((*y.shape[:2], dirs * S * Hp))
     acc = accumulator_dtype(y.dtype)
@@ -361,47 +368,39 @@ def _check_inputs(cell, x, h0, c0, weights_ih, weights_hh, biases_ih, biases_hh,
     """Shapes, dtypes and devices of a layer's inputs; returns (T, B, H)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    if x.dim() != 3:
-        raise ValueError(f"x must be 3-D ({'B, T' if batch_first else 'T, B'}, D), got shape {tuple(x.shape)}")
-    T, B, D = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
-    if T == 0:
-        raise ValueError(f"x must have T ≥ 1, got shape {tuple(x.shape)}")
-    dirs, G = len(weights_hh), GATES[cell]
-    if dirs not in (1, 2) or len(weights_ih) != dirs:
-        raise ValueError(f"expected one or two directions' weights, got {len(weights_ih)} weight_ih and {dirs} "
-                         "weight_hh")
-    w = weights_hh[0]
-    if w.dim() != 2 or w.shape[0] % G:
-        raise ValueError(f"weight_hh must be ({G}·H, {'P' if cell == 'lstm' else 'H'}), got shape {tuple(w.shape)}")
-    H = w.shape[0] // G
-    if weights_hr is not None and cell != "lstm":
-        raise ValueError("weights_hr (proj_size) is for the LSTM only")
-    if weights_hr is not None and len(weights_hr) != dirs:
-        raise ValueError(f"expected {dirs} weight_hr, got {len(weights_hr)}")
-    P = H if weights_hr is None else weights_hr[0].shape[0]
-    named = {"x": x}
-    for d in range(dirs):
-        suffix = "" if dirs == 1 else f" (direction {d})"
-        expected = {"weight_ih": (weights_ih, (G * H, D)), "weight_hh": (weights_hh, (G * H, P)),
-                    "bias_ih": (biases_ih, (G * H,)), "bias_hh": (biases_hh, (G * H,)),
-                    "weight_hr": (weights_hr, (P, H))}
-        for name, (tensors, shape) in expected.items():
-            if tensors is None:
-                continue
-            if tuple(tensors[d].shape) != shape:
-                raise ValueError(f"{name}{suffix} must have shape {shape}, got {tuple(tensors[d].shape)}")
-            named[name + suffix] = tensors[d]
-    for name, state, width in (("h0", h0, P), ("c0", c0, H)):
-        if state is not None:
-            if tuple(state.shape) != (dirs, B, width):
-                raise ValueError(f"{name} must have shape {(dirs, B, width)}, got {tuple(state.shape)}")
-            named[name] = state
-    for name, t in named.items():
-        if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
-    return T, B, H
+    G = GATES[cell]
+
+    def shapes(T, B, D, dirs):
+        w = weights_hh[0]
+        if w.dim() != 2 or w.shape[0] % G:
+            raise ValueError(f"weight_hh must be ({G}·H, {'P' if cell == 'lstm' else 'H'}), got shape "
+                             f"{tuple(w.shape)}")
+        H = w.shape[0] // G
+        if weights_hr is not None and cell != "lstm":
+            raise ValueError("weights_hr (proj_size) is for the LSTM only")
+        if weights_hr is not None and len(weights_hr) != dirs:
+            raise ValueError(f"expected {dirs} weight_hr, got {len(weights_hr)}")
+        P = H if weights_hr is None else weights_hr[0].shape[0]
+        named = {}
+        for d in range(dirs):
+            suffix = "" if dirs == 1 else f" (direction {d})"
+            expected = {"weight_ih": (weights_ih, (G * H, D)), "weight_hh": (weights_hh, (G * H, P)),
+                        "bias_ih": (biases_ih, (G * H,)), "bias_hh": (biases_hh, (G * H,)),
+                        "weight_hr": (weights_hr, (P, H))}
+            for name, (tensors, shape) in expected.items():
+                if tensors is None:
+                    continue
+                if tuple(tensors[d].shape) != shape:
+                    raise ValueError(f"{name}{suffix} must have shape {shape}, got {tuple(tensors[d].shape)}")
+                named[name + suffix] = tensors[d]
+        for name, state, width in (("h0", h0, P), ("c0", c0, H)):
+            if state is not None:
+                if tuple(state.shape) != (dirs, B, width):
+                    raise ValueError(f"{name} must have shape {(dirs, B, width)}, got {tuple(state.shape)}")
+                named[name] = state
+        return named
+    T, B = check_layer_inputs(x, weights_ih, weights_hh, batch_first, shapes)
+    return T, B, weights_hh[0].shape[0] // G
 
 
 def _one(t):

@@ -14,6 +14,9 @@ Two kernel shapes, picked by H:
     fits answers for "auto" the same way. Under Triton's interpreter, one launch per step (forward)
     or phase (backward), because there programs run one after another and a barrier would never open.
 
+The gated cells (GRU, LSTM: cell_forward_recurrence / cell_backward_recurrence, stepwise's contract)
+run on the small-H kernel only, within CELL_SMALL_H_MAX; larger H raises ValueError ("auto" uses stepwise).
+
 Host cost per call: everything but the tensors (the compiled kernel, its grid, the barrier buffer, the
 remaining arguments) is a launch plan built on a call's first use of its shape (_PLANS), so a call
 checks its buffers, looks the plan up and calls the compiled kernel directly; benchmarks/host_overhead.py
@@ -43,7 +46,9 @@ from elman_triton.kernels.barrier import WORD_STRIDE, barrier_loop_kernel
 from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_kernel,
                                                    elman_persistent_large_fwd_kernel)
 from elman_triton.kernels.persistent_small import (elman_persistent_small_bwd_kernel,
-                                                   elman_persistent_small_fwd_kernel)
+                                                   elman_persistent_small_fwd_kernel, rnn_persistent_small_bwd_kernel,
+                                                   rnn_persistent_small_fwd_kernel)
+from elman_triton.stepwise import _tb_strides
 
 # Largest next_pow2(H) of the small-H kernel per dtype. ptxas (sm_90a) compiles these without spill
 # traffic in the time loop (tests/test_compile_sm90.py); fp32 at 128 spills in the forward. At 256 the
@@ -52,6 +57,12 @@ from elman_triton.kernels.persistent_small import (elman_persistent_small_bwd_ke
 # the limit is 128.
 SMALL_H_MAX = {torch.float16: 256, torch.bfloat16: 256, torch.float32: 64, torch.float64: 64}
 SMALL_H_256_SHARED_BYTES = 180 * 1024
+# The same for the gated cells (G = 3 GRU, 4 LSTM), which hold G [BH, BH] blocks of W_hh: largest BH with
+# no spill traffic in the time loop (sm_90a, the Elman kernels' warps; benchmarks/NOTES.md, "Persistent
+# small-H kernels with the cell"). fp64 LSTM spills in the forward's loop at 32. Larger H: stepwise.
+CELL_SMALL_H_MAX = {G: {torch.float16: 128, torch.bfloat16: 128, torch.float32: 32,
+                        torch.float64: 32 if G == 3 else 16} for G in (3, 4)}
+CELL_NAMES = {3: "GRU", 4: "LSTM"}
 LARGE_SLICE_BYTES = 64 * 1024
 BB = 16  # batch rows per tile; tl.dot needs ≥ 16
 BN = 16  # hidden units per program in the large-H kernel (large_config overrides it)
@@ -223,6 +234,55 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
         return dh
 
 
+def cell_supports(G, H, dtype):
+    """Whether the persistent small-H kernel holds a G-gate cell (GRU, LSTM) of this H in dtype; the
+    family has no large-H persistent kernel."""
+    return _bh(H) <= CELL_SMALL_H_MAX[G].get(dtype, 0)
+
+
+def cell_check_supported(G, H, dtype):
+    if not cell_supports(G, H, dtype):
+        limit = CELL_SMALL_H_MAX[G].get(dtype)
+        held = f"H ≤ {limit}" if limit else "no H"
+        raise ValueError(f"backend='persistent' does not hold the {CELL_NAMES[G]} at H={H} in {dtype}: its small-H "
+                         f"kernel holds {held} in {dtype} (G·[BH, BH] of W_hh on-chip), and the persistent-large "
+                         "kernel takes only the Elman cell; use backend='stepwise' or 'auto'")
+
+
+def cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, weight_hh, bias, h_n, c_n, lengths, opts, layout):
+    """stepwise.cell_forward_recurrence's contract (same buffers, same results) in one launch of the
+    small-H kernel; gates must share xp's strides (the kernel reads both through one pair). ValueError
+    where the kernel does not hold H (cell_check_supported)."""
+    lay = layout
+    cell_check_supported(G, lay.H, y.dtype)
+    lay.check(y, "y")
+    assert aux.stride() == y.stride() and gates.stride() == xp.stride(), "aux shares y's strides, gates xp's"
+    assert h0.stride() == c0.stride(), "h0 and c0 share strides"
+    tensors = (xp, y, gates, aux, h0, c0, weight_hh, xp if bias is None else bias, h_n, c_n, lengths)
+    with on_device(y):
+        _run((_cell_forward_plan, G, lay, y.dtype, opts, bias is not None, None if lengths is None else lengths.dtype,
+              _tb_strides(xp, lay), h0.stride(), weight_hh.stride()), tensors, y.device)
+
+
+def cell_backward_recurrence(G, dy, dh_n, dc_n, y, h0, gates, aux, c0, weight_hh, dz, lengths, opts, layout):
+    """stepwise.cell_backward_recurrence's contract in one launch of the small-H kernel: fills dz and returns
+    (∂L/∂h0, ∂L/∂c0 or None), contiguous (dirs, B, H) in the accumulator dtype."""
+    lay = layout
+    cell_check_supported(G, lay.H, y.dtype)
+    lay.check(y, "y")
+    acc = accumulator_dtype(y.dtype)
+    if G == 4 and dc_n.stride() != dh_n.stride():  # the kernel reads both through one set of strides
+        dh_n, dc_n = dh_n.contiguous(), dc_n.contiguous()
+    dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=acc, device=y.device)
+    dc0 = torch.empty_like(dh0) if G == 4 else dh0  # GRU: never read or written
+    tensors = (dy, dh_n, dc_n if G == 4 else dh_n, y, h0, gates, aux, c0, weight_hh, dz, dh0, dc0, lengths)
+    with on_device(y):
+        _run((_cell_backward_plan, G, lay, y.dtype, opts, None if lengths is None else lengths.dtype, dy.stride(),
+              dh_n.stride(), _tb_strides(gates, lay), _tb_strides(dz, lay), h0.stride(), weight_hh.stride()),
+             tensors, y.device)
+    return dh0, (dc0 if G == 4 else None)
+
+
 # ------------------------------------------------------------------------------------ launch plans
 
 class _Plan:
@@ -323,6 +383,23 @@ def _backward_plan(tensors, device, stream, lay, dtype, opts, lengths_dtype, dy_
     dh = tensors[4]
     return _large_plan(elman_persistent_large_bwd_kernel, lay, dtype, device, stream, tensors, 2 * lay.T,
                        (*dy_strides, *lay.seq_strides, dh.stride(0), dh.stride(1), *w_strides), meta)
+
+
+def _cell_forward_plan(tensors, device, stream, G, lay, dtype, opts, has_bias, lengths_dtype, x_strides, h0_strides,
+                       w_strides):
+    meta = dict(CELL=G, HAS_BIAS=has_bias, HAS_LENGTHS=lengths_dtype is not None, REVERSE=lay.reverse, ACT=opts.ACT,
+                FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
+    return _small_plan(rnn_persistent_small_fwd_kernel, lay, dtype, stream, tensors,
+                       (lay.T, lay.B, lay.H, *x_strides, *lay.seq_strides, *h0_strides, *w_strides), meta)
+
+
+def _cell_backward_plan(tensors, device, stream, G, lay, dtype, opts, lengths_dtype, dy_strides, dh_n_strides,
+                        x_strides, z_strides, h0_strides, w_strides):
+    meta = dict(CELL=G, HAS_LENGTHS=lengths_dtype is not None, REVERSE=lay.reverse, ACT=opts.ACT,
+                PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
+    return _small_plan(rnn_persistent_small_bwd_kernel, lay, dtype, stream, tensors,
+                       (lay.T, lay.B, lay.H, *lay.dy_strides(tensors[0]), *dh_n_strides, *lay.seq_strides,
+                        *x_strides, *z_strides, *h0_strides, *w_strides), meta)
 
 
 def _small_plan(kernel, lay, dtype, stream, tensors, tail, meta):
