@@ -815,6 +815,40 @@ def _check_inputs(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinear
         raise ValueError(f"unknown nonlinearity {nonlinearity!r}; expected one of {tuple(ACTIVATIONS)}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def shapes(T, B, D, dirs):
+        w = weights_hh[0]
+        if w.dim() != 2 or w.shape[0] != w.shape[1]:
+            raise ValueError(f"weight_hh must be (H, H), got shape {tuple(w.shape)}")
+        H = w.shape[0]
+        named = {}
+        for d in range(dirs):
+            suffix = "" if dirs == 1 else f" (direction {d})"
+            if tuple(weights_ih[d].shape) != (H, D):
+                raise ValueError(f"weight_ih{suffix} must be (H, D) = ({H}, {D}), got shape "
+                                 f"{tuple(weights_ih[d].shape)}")
+            if tuple(weights_hh[d].shape) != (H, H):
+                raise ValueError(f"weight_hh{suffix} must be (H, H) = ({H}, {H}), got shape "
+                                 f"{tuple(weights_hh[d].shape)}")
+            named.update({"weight_ih" + suffix: weights_ih[d], "weight_hh" + suffix: weights_hh[d]})
+            for name, biases in (("bias_ih", biases_ih), ("bias_hh", biases_hh)):
+                if biases is not None:
+                    if tuple(biases[d].shape) != (H,):
+                        raise ValueError(f"{name}{suffix} must have shape {(H,)}, got {tuple(biases[d].shape)}")
+                    named[name + suffix] = biases[d]
+        if h0 is not None:
+            if tuple(h0.shape) != (dirs, B, H):
+                raise ValueError(f"h0 must have shape {(B, H) if dirs == 1 else (dirs, B, H)}, "
+                                 f"got {tuple(h0.shape[1:] if dirs == 1 and h0.dim() == 3 else h0.shape)}")
+            named["h0"] = h0
+        return named
+    return check_layer_inputs(x, weights_ih, weights_hh, batch_first, shapes)
+
+
+def check_layer_inputs(x, weights_ih, weights_hh, batch_first, shapes):
+    """The checks every layer op (Elman, LSTM, GRU) shares: x is 3-D ((T, B, D), or (B, T, D) with
+    batch_first) with T ≥ 1, one or two directions' weights, and every tensor that shapes(T, B, D, dirs)
+    checks and returns ({name: tensor}) shares x's dtype and device. Returns (T, B)."""
     if x.dim() != 3:
         raise ValueError(f"x must be 3-D ({'B, T' if batch_first else 'T, B'}, D), got shape {tuple(x.shape)}")
     T, B, D = (x.shape[1], x.shape[0], x.shape[2]) if batch_first else x.shape
@@ -823,28 +857,7 @@ def _check_inputs(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinear
     dirs = len(weights_hh)
     if dirs not in (1, 2) or len(weights_ih) != dirs:
         raise ValueError(f"expected one or two directions' weights, got {len(weights_ih)} weight_ih and {dirs} weight_hh")
-    w = weights_hh[0]
-    if w.dim() != 2 or w.shape[0] != w.shape[1]:
-        raise ValueError(f"weight_hh must be (H, H), got shape {tuple(w.shape)}")
-    H = w.shape[0]
-    named = {"x": x}
-    for d in range(dirs):
-        suffix = "" if dirs == 1 else f" (direction {d})"
-        if tuple(weights_ih[d].shape) != (H, D):
-            raise ValueError(f"weight_ih{suffix} must be (H, D) = ({H}, {D}), got shape {tuple(weights_ih[d].shape)}")
-        if tuple(weights_hh[d].shape) != (H, H):
-            raise ValueError(f"weight_hh{suffix} must be (H, H) = ({H}, {H}), got shape {tuple(weights_hh[d].shape)}")
-        named.update({"weight_ih" + suffix: weights_ih[d], "weight_hh" + suffix: weights_hh[d]})
-        for name, biases in (("bias_ih", biases_ih), ("bias_hh", biases_hh)):
-            if biases is not None:
-                if tuple(biases[d].shape) != (H,):
-                    raise ValueError(f"{name}{suffix} must have shape {(H,)}, got {tuple(biases[d].shape)}")
-                named[name + suffix] = biases[d]
-    if h0 is not None:
-        if tuple(h0.shape) != (dirs, B, H):
-            raise ValueError(f"h0 must have shape {(B, H) if dirs == 1 else (dirs, B, H)}, "
-                             f"got {tuple(h0.shape[1:] if dirs == 1 and h0.dim() == 3 else h0.shape)}")
-        named["h0"] = h0
+    named = {"x": x, **shapes(T, B, D, dirs)}
     for name, t in named.items():
         if t.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; all tensors must share one dtype")
