@@ -17,7 +17,7 @@ from utils import count_launches, rel_err
 F64 = torch.float64
 TOL = 1e-12  # float64, as utils.TOLERANCE
 OURS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
-BACKENDS = ["reference", "auto", "stepwise"]
+BACKENDS = ["reference", "auto", "stepwise", "persistent"]
 
 
 def twins(nn_cls, backend, device, **kwargs):
@@ -65,13 +65,31 @@ MODULE_CASES = {  # (T, B, D, H, options): odd H and B, T = 1, B = 1, B across t
     "B1-no-bias": (3, 1, 2, 5, dict(bias=False)),
     "B-across-tiles": (2, 65, 2, 3, dict()),
 }
+# The persistent small-H kernel holds H ≤ 16 for the fp64 LSTM (persistent.CELL_SMALL_H_MAX): its own shapes.
+PERSISTENT_CASES = {
+    "deep-bidirectional": (3, 3, 5, 13, dict(num_layers=2, bidirectional=True)),
+    "batch-first-T1": MODULE_CASES["batch-first-T1"],
+    "B1-no-bias": MODULE_CASES["B1-no-bias"],
+    "B-across-tiles": (2, 17, 2, 3, dict()),
+}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS[:3])
 @pytest.mark.parametrize("case", MODULE_CASES)
 @pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
 def test_module_matches_nn(nn_cls, case, backend, device):
-    T, B, D, H, options = MODULE_CASES[case]
+    check_module(nn_cls, MODULE_CASES[case], backend, device)
+
+
+@pytest.mark.parametrize("case", PERSISTENT_CASES)
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_module_matches_nn_persistent(nn_cls, case, device):
+    """backend="persistent" (the small-H kernel, one launch per layer and pass) against nn."""
+    check_module(nn_cls, PERSISTENT_CASES[case], "persistent", device)
+
+
+def check_module(nn_cls, case, backend, device):
+    T, B, D, H, options = case
     ref, ours = twins(nn_cls, backend, device, input_size=D, hidden_size=H, **options)
     layers = options.get("num_layers", 1) * (2 if options.get("bidirectional") else 1)
     shape = (B, T, D) if options.get("batch_first") else (T, B, D)
@@ -132,7 +150,7 @@ def test_reverse_with_lengths(cell, device):
                rand(G * H, device=device)]
     lengths = torch.tensor([2, 4, 1], device=device)
     results = []
-    for backend in ("reference", "stepwise"):
+    for backend in ("reference", "stepwise", "persistent"):
         if cell == "lstm":
             y, (h, c) = lstm(x, (h0, c0), *weights, backend=backend, reverse=True, lengths=lengths)
             outs = [y, h, c]
@@ -218,10 +236,11 @@ def test_errors():
         LSTM(3, 4, proj_size=4)
     with pytest.raises(ValueError, match="Unknown backend"):
         LSTM(3, 4, backend="cudnn")
-    with pytest.raises(NotImplementedError, match="persistent.*LSTM"):
-        LSTM(3, 4, backend="persistent")(torch.randn(2, 1, 3))
-    with pytest.raises(NotImplementedError, match="persistent.*GRU"):
-        GRU(3, 4, backend="persistent")(torch.randn(2, 1, 3))
+    for cls, H, dtype, limit in ((LSTM, 17, F64, 16), (GRU, 33, F64, 32), (LSTM, 33, torch.float32, 32)):
+        with pytest.raises(ValueError, match=f"persistent' does not hold the {cls.__name__} at H={H} in {dtype}: "
+                                             f"its small-H kernel holds H ≤ {limit} .*persistent-large kernel takes "
+                                             "only the Elman cell; use backend='stepwise' or 'auto'"):
+            cls(3, H, dtype=dtype, backend="persistent")(torch.randn(2, 1, 3, dtype=dtype))
     lstm_module = LSTM(3, 4)
     with pytest.raises(ValueError, match="LSTM: Expected input to be 2D or 3D, got 4D"):
         lstm_module(torch.randn(1, 2, 1, 3))
@@ -302,12 +321,14 @@ def test_autocast_runs_in_its_dtype(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("H", [200, 24], ids=["stepwise", "persistent"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
-def test_cuda_auto_matches_float64(nn_cls, dtype):
-    """On CUDA, backend="auto" (the stepwise kernels for these cells), compiled for the GPU, at a shape with
-    several column tiles and both directions: values and every gradient against nn in float64."""
-    T, B, D, H = 7, 19, 24, 200
+def test_cuda_auto_matches_float64(nn_cls, dtype, H):
+    """On CUDA, backend="auto", compiled for the GPU, both directions: values and every gradient against nn in
+    float64. H = 200: the stepwise kernels (several column tiles); H = 24: the persistent small-H kernel
+    (within persistent.CELL_SMALL_H_MAX for fp32 and bf16)."""
+    T, B, D = 7, 19, 24
     ref = nn_cls(D, H, bidirectional=True, dtype=F64, device="cuda")
     ours = OURS[nn_cls](D, H, bidirectional=True, dtype=dtype, device="cuda")
     ours.load_state_dict(ref.state_dict())
@@ -347,36 +368,31 @@ def test_double_backward_raises_clearly(device):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_persistent_small_kernels_match_stepwise(cell, device):
-    """The persistent small-H kernels with the cell as a constexpr (kernels/persistent_small.py; no launcher
-    uses them yet) against the stepwise kernels on the same buffers: y, h_n, c_n, saved gates and aux,
-    then dz, ∂L/∂h0, ∂L/∂c0. Both directions, batch_first, lengths, H not a multiple of 16, B across two
-    batch tiles."""
+    """The persistent small-H launchers (persistent.cell_forward_recurrence / cell_backward_recurrence) against
+    the stepwise ones on the same buffers, outputs poisoned with NaN: y, h_n, c_n, saved gates and aux, then
+    dz, ∂L/∂h0, ∂L/∂c0. Both directions, batch_first, lengths, H not a multiple of 16, B across two batch
+    tiles."""
+    from elman_triton import persistent
     from elman_triton.config import Layout, kernel_options, padded
     from elman_triton.family_ops import _bias_slots, _cell_backward, _cell_forward, _padded_states
-    from elman_triton.kernels.persistent_small import rnn_persistent_small_bwd_kernel, rnn_persistent_small_fwd_kernel
 
     T, B, D, H, G, dirs = 3, 17, 2, 5, 4 if cell == "lstm" else 3, 2
-    Hp, S, BB, BH = padded(H), G + (G == 3), 16, 16
+    Hp = padded(H)
     xp = torch.nn.functional.pad(torch.randn(B, T, dirs, G, H, dtype=F64, device=device), (0, Hp - H)).flatten(2)
     w_hh = torch.nn.functional.pad(torch.randn(dirs, G * H, H, dtype=F64, device=device) * H ** -0.5, (0, Hp - H))
     bias = _bias_slots(cell, [torch.randn(G * H, dtype=F64, device=device) for _ in range(dirs)],
                        [torch.randn(G * H, dtype=F64, device=device) for _ in range(dirs)], dirs, H, xp)
     h0, c0 = torch.randn(dirs, B, H, dtype=F64, device=device), torch.randn(dirs, B, H, dtype=F64, device=device)
     lengths = torch.randint(1, T + 1, (B,), device=device)
-    y, h_n, c_n, gates, aux = _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, False, True)
+    y, h_n, c_n, gates, aux = _cell_forward(xp, h0, c0, w_hh, bias, lengths, G, False, True, "stepwise")
 
     nan = float("nan")
     mine = [torch.full_like(t, nan) for t in (y, h_n, c_n, gates, aux)]
     h0p, c0p = _padded_states(h0, c0, Hp)
     opts = kernel_options(F64, "tanh")
     lay = Layout.of(y, H, dirs, True, False)
-    meta = dict(CELL=G, HAS_LENGTHS=True, REVERSE=False, ACT=opts.ACT, PRECISION=opts.PRECISION, UPCAST=False,
-                BB=BB, BH=BH)
-    grid = (-(-B // BB), dirs)
-    rnn_persistent_small_fwd_kernel[grid](
-        xp, mine[0], mine[3], mine[4], h0p, c0p, w_hh, bias, mine[1], mine[2], lengths, T, B, H,
-        xp.stride(1), xp.stride(0), *lay.seq_strides, *h0p.stride(), *w_hh.stride(),
-        HAS_BIAS=True, FAST_TANH=False, **meta)
+    persistent.cell_forward_recurrence(G, xp, mine[0], mine[3], mine[4], h0p, c0p, w_hh, bias, mine[1], mine[2],
+                                       lengths, opts, lay)
     for name, a, b in zip(("y", "h_n", "c_n", "gates", "aux"), mine, (y, h_n, c_n, gates, aux)):
         if name == "aux" or (name == "c_n" and G == 3):
             continue
@@ -384,12 +400,12 @@ def test_persistent_small_kernels_match_stepwise(cell, device):
     assert rel_err(mine[4].unflatten(2, (dirs, Hp))[..., :H], aux.unflatten(2, (dirs, Hp))[..., :H]) <= TOL
 
     dy, dh_n, dc_n = torch.randn_like(y), torch.randn_like(h_n), torch.randn_like(h_n)
-    dz, dh0, dc0 = _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, False, True)
-    dz_mine, dh0_mine, dc0_mine = torch.full_like(dz, nan), torch.full_like(h0, nan), torch.full_like(h0, nan)
-    rnn_persistent_small_bwd_kernel[grid](
-        dy, dh_n, dc_n, y, h0p, gates, aux, c0p, w_hh, dz_mine, dh0_mine, dc0_mine, lengths, T, B, H,
-        *lay.dy_strides(dy), *dh_n.stride(), *lay.seq_strides, gates.stride(1), gates.stride(0),
-        dz.stride(1), dz.stride(0), *h0p.stride(), *w_hh.stride(), **meta)
+    dz, dh0, dc0 = _cell_backward(dy, dh_n, dc_n, y, h0, c0, w_hh, gates, aux, lengths, G, False, True, "stepwise")
+    dz_mine = torch.full_like(dz, nan)
+    dh0_mine, dc0_mine = persistent.cell_backward_recurrence(G, dy, dh_n, dc_n if G == 4 else None, y, h0p, gates,
+                                                             aux, c0p, w_hh, dz_mine, lengths, opts, lay)
     assert rel_err(dz_mine, dz) <= TOL and rel_err(dh0_mine, dh0) <= TOL
     if G == 4:
         assert rel_err(dc0_mine, dc0) <= TOL
+    else:
+        assert dc0_mine is None
