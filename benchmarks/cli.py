@@ -66,8 +66,8 @@ def parse_args(argv, prog="python -m benchmarks"):
         epilog="Presets: --quick (default; CPU: fp32 T=32 B∈{1,8} H∈{32,64}; GPU: bf16 T=256 B∈{1,16} "
                "H∈{256,1024}), --standard (bf16 T=1024 B∈{1,8,16,64} H∈{256..2048}: the target grid), "
                "--full (all dtypes, B∈{1,8,16,64,256}, H∈{256..2048}, T∈{256,1024,4096}). "
-               "Any flag below overrides the preset's value. Exit status 1 if one of this project's "
-               "providers fails verification.")
+               "Any flag below overrides the preset's value; the LSTM / GRU rows (--family) take the same shapes. "
+               "Exit status 1 if one of this project's providers fails verification.")
     preset = parser.add_mutually_exclusive_group()
     for name, text in (("quick", "smoke-test sizes (the default; about half a minute on a 2-core CPU)"),
                        ("standard", "the target grid"), ("full", "every dtype, batch, hidden size and length")):

@@ -145,7 +145,7 @@ class Provider:
     forward_only: str | None = None  # why the backward modes are skipped, if they are
     check_support: Callable[[Shape, torch.device], None] | None = None  # raises if the shape is not held
     per_shape_setup: Callable[[], None] | None = None  # called once per shape, before any build
-    runs_baseline_on_cpu: bool = False  # on CPU it runs nn.RNN's own kernel: a speedup would be noise
+    runs_baseline_on_cpu: bool = False  # on CPU it runs its torch module's own kernel: a speedup would be noise
     no_interpreter: str | None = None  # why the CPU run cannot check it in Triton's interpreter, if it cannot
     note: str = ""
 
