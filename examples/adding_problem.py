@@ -45,7 +45,8 @@ MODELS = ("tanh", "tanh-orth", "irnn", "lstm", "gru")
 COLORS = {"irnn": "C0", "tanh": "C1", "tanh-orth": "C2", "lstm": "C3", "gru": "C4"}
 GATED = {"lstm": (LSTM, LSTMCell), "gru": (GRU, GRUCell)}  # layer, and the cell of the step loop
 # T = 10 is too short to need memory across time: the smoke run cannot show the example's point.
-RECORDED = "adding_problem_T150.md (T = 150, the paper's shortest; T = 100 beside it)"
+RECORDED = ("adding_problem_T150.md (T = 150, the paper's shortest; T = 100 beside it, and the LSTM and GRU at "
+            "T = 100 in adding_problem_T100_gated.md)")
 
 
 def make_batch(T, B, generator, device):
