@@ -101,7 +101,8 @@ def test_gated_state_gradients(cell):
     assert all(p.grad is None for p in model.parameters())  # the example clears what it leaves
 
     rnn, H = model.rnn, 11
-    w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{n}_l0").detach() for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    w_ih, w_hh, b_ih, b_hh = (getattr(rnn, f"{name}_l0").detach()
+                              for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
     h = c = torch.zeros(5, H, dtype=torch.float64)
     dh, dc = [], []
     for x_t in x:
