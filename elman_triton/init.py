@@ -1,10 +1,17 @@
-"""Initialisations researchers reach for, for every layer and direction of an Elman RNN.
+"""Initialisations researchers reach for, for every layer and direction of an RNN.
 
-Each works in place on an ElmanRNN or ElmanRNNCell (and on torch.nn.RNN / nn.RNNCell, whose
-parameter names they share) and returns the module:
+Each works in place and returns the module. The Elman ones take an ElmanRNN or ElmanRNNCell (and
+torch.nn.RNN / nn.RNNCell, whose parameter names they share):
 
     irnn_(rnn)                           Le, Jaitly & Hinton 2015: W_hh = scale·I, zero biases, small W_ih
     orthogonal_(rnn, spectral_radius=ρ)  W_hh = ρ·Q with Q a random orthogonal matrix
+
+and the LSTM's takes elman_triton.LSTM / LSTMCell (and nn.LSTM / nn.LSTMCell):
+
+    forget_gate_bias_(lstm, value=1.0)   Gers, Schmidhuber & Cummins 2000; Jozefowicz, Zaremba &
+                                         Sutskever 2015: the forget gate's bias b_if + b_hf = value, so
+                                         the cell state is kept (f ≈ σ(1) ≈ 0.73) until training says
+                                         otherwise; the other gates' biases are left as they are
 
 For ρ·Q every eigenvalue has modulus ρ and every singular value is ρ, so the spectral radius and
 the largest singular value (the quantity in Pascanu, Mikolov & Bengio 2013's vanishing-gradient
@@ -17,7 +24,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-__all__ = ["irnn_", "orthogonal_"]
+__all__ = ["forget_gate_bias_", "irnn_", "orthogonal_"]
 
 # The helpers take ElmanRNN, ElmanRNNCell, nn.RNN or nn.RNNCell and return the module they get.
 Module = TypeVar("Module", bound=nn.Module)
@@ -54,6 +61,24 @@ def orthogonal_(module: Module, spectral_radius: float = 1.0, generator: torch.G
         for kind, param in _parameters(module):
             if kind == "weight_hh":
                 nn.init.orthogonal_(param, gain=spectral_radius, generator=generator)
+    return module
+
+
+def forget_gate_bias_(module: Module, value: float = 1.0) -> Module:
+    """Set the forget gate's total bias to `value` in every layer and direction of an LSTM or LSTM cell:
+    b_hf = value and b_if = 0 (PyTorch's gate order i, f, g, o: rows [H, 2H) of each bias). Returns
+    module. A module without biases (bias=False) raises ValueError: it has no forget-gate bias to set."""
+    is_lstm = isinstance(module, nn.LSTMCell) or (isinstance(module, nn.RNNBase) and module.mode == "LSTM")
+    if not is_lstm:
+        raise TypeError(f"forget_gate_bias_ needs an LSTM or LSTMCell (elman_triton's or torch.nn's), "
+                        f"got {type(module).__name__}")
+    if not module.bias:
+        raise ValueError("forget_gate_bias_: the module was built with bias=False, so it has no forget-gate bias")
+    H = module.hidden_size
+    with torch.no_grad():
+        for name, param in module.named_parameters(recurse=False):
+            if name.startswith("bias_"):
+                param[H:2 * H] = value if name.startswith("bias_hh") else 0.0
     return module
 
 

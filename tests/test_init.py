@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from elman_triton import ElmanRNN, ElmanRNNCell, init
+from elman_triton import GRU, LSTM, ElmanRNN, ElmanRNNCell, LSTMCell, init
 
 
 def recurrent_weights(module):
@@ -90,3 +90,32 @@ def test_irnn_warns_on_tanh(kind, device):
         warnings.simplefilter("error")
         init.irnn_(make(3, 4, nonlinearity="relu", device=device))
         init.orthogonal_(make(3, 4, device=device))  # orthogonal_ suits both
+
+
+@pytest.mark.parametrize("kind", ["lstm", "cell", "nn.LSTM"])
+def test_forget_gate_bias_sets_only_the_forget_gate(kind, device):
+    """b_if + b_hf = value in every layer and direction (rows [H, 2H): gate order i, f, g, o); every other
+    bias row and every weight keeps its value; the LSTM then keeps its cell state (f = σ(value))."""
+    H = 7
+    module = {"lstm": lambda: LSTM(3, H, num_layers=2, bidirectional=True, device=device),
+              "cell": lambda: LSTMCell(3, H, device=device),
+              "nn.LSTM": lambda: torch.nn.LSTM(3, H, device=device)}[kind]()
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    assert init.forget_gate_bias_(module, value=2.5) is module
+    for name, param in module.named_parameters():
+        if not name.startswith("bias_"):
+            assert torch.equal(param, before[name]), name
+            continue
+        forget = 2.5 if name.startswith("bias_hh") else 0.0
+        assert torch.equal(param[H:2 * H], torch.full((H,), forget, device=device)), name
+        rest = torch.cat([param[:H], param[2 * H:]])
+        assert torch.equal(rest, torch.cat([before[name][:H], before[name][2 * H:]])), name
+
+
+def test_forget_gate_bias_errors():
+    with pytest.raises(TypeError, match="needs an LSTM or LSTMCell.*got GRU"):
+        init.forget_gate_bias_(GRU(3, 4))
+    with pytest.raises(TypeError, match="got ElmanRNN"):
+        init.forget_gate_bias_(ElmanRNN(3, 4))
+    with pytest.raises(ValueError, match="bias=False"):
+        init.forget_gate_bias_(LSTM(3, 4, bias=False))
