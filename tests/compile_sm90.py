@@ -36,12 +36,15 @@ from elman_triton.kernels import stepwise as stepwise_kernels
 TARGET = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = knobs.nvidia.cuobjdump.path
 TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
-ACCUMULATOR_POINTERS = {"p_bias", "p_dh", "p_dh0", "p_dh_next"}
+# fp32 (fp64) buffers: the bias, the state-gradient carries, and the LSTM/GRU cell's aux rows (LSTM's c_t,
+# GRU's h W_hnᵀ + b_hn), c0 and the c-gradient carries (elman_triton/family_ops.py allocates them so).
+ACCUMULATOR_POINTERS = {"p_bias", "p_dh", "p_dh0", "p_dh_next", "p_aux", "p_c0", "p_dc", "p_dc0", "p_dc_next"}
 # Strides of the package's own buffers (sequence buffers, dy shaped like them, the dh carries, the h0
-# and W_hh rows the launcher pads): their
+# and W_hh rows the launcher pads, the family's Xp / gates and dz rows): their
 # rows are padded to a multiple of 16 elements (config.padded), so Triton's runtime specialises them
 # as divisible by 16 whatever H is.
-PADDED_STRIDES = ("stride_y_", "stride_dy_t", "stride_dy_b", "stride_dy_d", "stride_dh_", "stride_h0_", "stride_w_")
+PADDED_STRIDES = ("stride_y_", "stride_dy_t", "stride_dy_b", "stride_dy_d", "stride_dh_", "stride_h0_", "stride_w_",
+                  "stride_x_", "stride_z_")
 
 
 def signature(kernel, dtype, constexprs, aligned):
@@ -193,22 +196,55 @@ def configurations():
                        dict(fast, **large, HAS_BIAS=True, HAS_LENGTHS=True))
     for flip in (True, False):
         yield barrier.barrier_loop_kernel, torch.float32, 4, dict(FLIP=flip)
+    yield from family_configurations()
+
+
+# The largest persistent-small BH per (dtype, CELL) whose compile has no spill traffic in the time loop
+# (benchmarks/NOTES.md, LSTM/GRU section): the W_hh block is [BH, G·BH], G times Elman's.
+FAMILY_SMALL_H_MAX = {(torch.bfloat16, 3): 128, (torch.bfloat16, 4): 128, (torch.float32, 3): 32,
+                      (torch.float32, 4): 32, (torch.float64, 3): 32, (torch.float64, 4): 16}
+
+
+def family_configurations():
+    """The GRU (CELL = 3) and LSTM (CELL = 4) specialisations of the cell-generic kernels (the Elman ones
+    above are their CELL = 1 entries). A representative few, to keep the compile within a minute: bf16
+    stands for both 16-bit types (fp16 differs only in the element type) and fp32 (ieee) for tf32.
+    Stepwise: both cells in bf16, the bf16 LSTM with lengths too (the per-row select of h and c), the GRU
+    in fp32 (the fp32 LSTM compiles twice as long; it spilled nothing when compiled, 170–200 registers).
+    Persistent-small at FAMILY_SMALL_H_MAX: both cells in bf16 and fp64, the LSTM in fp32 (the fp32 GRU
+    takes the same registers or fewer)."""
+    BB, BN, BK = stepwise.block_sizes(64, 1024)
+    for dtype, cell, lengths in ((torch.bfloat16, 3, False), (torch.bfloat16, 4, False), (torch.bfloat16, 4, True),
+                                 (torch.float32, 3, False)):
+        math = dict(ACT=0, PRECISION="ieee", UPCAST=False, REVERSE=False, CELL=cell, HAS_LENGTHS=lengths,
+                    BB=BB, BN=BN, BK=BK)
+        fast = dict(math, FAST_TANH=dtype == torch.bfloat16, HAS_BIAS=True)
+        yield stepwise_kernels.rnn_step_fwd_kernel, dtype, stepwise.NUM_WARPS, fast
+        yield stepwise_kernels.rnn_step_bwd_kernel, dtype, stepwise.NUM_WARPS, math
+    for dtype, cell in ((torch.bfloat16, 3), (torch.bfloat16, 4), (torch.float32, 4), (torch.float64, 3),
+                        (torch.float64, 4)):
+        math = dict(ACT=0, PRECISION="ieee", UPCAST=False, HAS_LENGTHS=False, REVERSE=False, CELL=cell,
+                    BB=persistent.BB, BH=FAMILY_SMALL_H_MAX[dtype, cell])
+        fast = dict(math, FAST_TANH=dtype == torch.bfloat16, HAS_BIAS=True)
+        warps = persistent._num_warps_small(dtype)
+        yield persistent_small.rnn_persistent_small_fwd_kernel, dtype, warps, fast
+        yield persistent_small.rnn_persistent_small_bwd_kernel, dtype, warps, math
 
 
 def main(argv):
-    """argv: an optional regular expression; only configurations whose "kernel dtype BH" it matches
-    are compiled (`large.*bf16 1024`: the large-H kernels at BH = 1024 in bf16)."""
+    """argv: an optional regular expression; only configurations whose "kernel dtype BH CELL" it matches
+    are compiled (`large.*bf16 1024`: the large-H kernels at BH = 1024 in bf16; `rnn_.* 4$`: the LSTM's)."""
     assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET: this compiles for a GPU"
     # Compile afresh (a cached kernel runs no ptxas, so leaves no report) and print ptxas's report.
     knobs.compilation.always_compile = True
     knobs.nvidia.dump_ptxas_log = True
     for kernel, dtype, num_warps, constexprs in configurations():
-        if argv and not re.search(argv[0], f"{kernel.fn.__name__} {TRITON_DTYPE[dtype]} {constexprs.get('BH')}"):
+        if argv and not re.search(argv[0], f"{kernel.fn.__name__} {TRITON_DTYPE[dtype]} {constexprs.get('BH')} {constexprs.get('CELL', 1)}"):
             continue
         for aligned in (True, False):
             counts = compile_and_count(kernel, dtype, num_warps, aligned, **constexprs)
             shown = {k: v for k, v in constexprs.items()
-                     if k in ("PRECISION", "BB", "BN", "BK", "BH", "K_SPLIT", "HAS_LENGTHS", "FLIP")}
+                     if k in ("CELL", "PRECISION", "BB", "BN", "BK", "BH", "K_SPLIT", "HAS_LENGTHS", "FLIP")}
             print(json.dumps(dict(kernel=kernel.fn.__name__, dtype=TRITON_DTYPE[dtype], num_warps=num_warps,
                                   aligned=aligned, **shown, **counts)), flush=True)
 
