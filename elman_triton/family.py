@@ -7,7 +7,8 @@ own code; `isinstance(m, nn.LSTM)` is False, `isinstance(m, nn.RNNBase)` is True
 argument checks are borrowed from nn.LSTM itself. The cells derive from nn.LSTMCell / nn.GRUCell.
 
 Every layer is one call of the layer op (both directions in each launch), picked by `backend` ("auto",
-"stepwise", "reference"; "persistent" raises NotImplementedError for these cells). PackedSequence input
+"stepwise", "persistent", "reference"; "persistent" is the small-H kernel, within
+persistent.CELL_SMALL_H_MAX, else ValueError; "auto" on CUDA uses it within those limits). PackedSequence input
 runs as one padded, length-sorted batch with the rows' lengths handed to the kernels (modules._PackedBatch),
 batch_first input through strides, and under autocast the op runs in autocast's dtype (as ElmanRNN).
 LSTM with proj_size > 0 runs the reference loop on the Triton backends (see family_ops).
