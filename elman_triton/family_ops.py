@@ -101,8 +101,10 @@ def run_cell_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih=None, bias
     if backend == "auto":
         if x.device.type == "cuda":
             backend = "persistent" if persistent.cell_supports(G, H, x.dtype) else "stepwise"
-        else:  # PyTorch's native kernel, except for a reverse-only layer with lengths (it has none)
-            backend = "native" if lengths is None or not (reverse or torch.compiler.is_compiling()) else "reference"
+        else:  # PyTorch's native kernel, except for a reverse-only layer with lengths (it has none), and
+            # under torch.export, which would unroll it over T (the reference loop exports as a scan)
+            native = lengths is None or not (reverse or torch.compiler.is_compiling())
+            backend = "native" if native and not torch.compiler.is_exporting() else "reference"
     if backend in TRITON_BACKENDS and weights_hr is not None:
         backend = "reference"  # proj_size: the documented slower path
     if backend == "reference":

@@ -40,7 +40,7 @@ torch.ops.elman_triton.recurrence / .recurrence_backward under torch.compile, wi
 and vmap rules. torch.func under torch.compile runs the layer eagerly (a graph break): a custom op's
 autograd has no torch.func support (pytorch #168393). auto on CPU is a custom op under torch.compile
 too (elman_triton::native_layer), so the compiler neither unrolls PyTorch's RNN over T nor
-recompiles for a new T; the reference backend runs through torch's scan under torch.export.
+recompiles for a new T; the reference backend runs through torch's scan under torch.export (reference._recur).
 """
 from collections.abc import Sequence
 
@@ -614,9 +614,6 @@ def _tangent_loop(dxp, dh0, dw_hh, dbias, y, h0, w_hh, lengths, nonlinearity, la
 def _reference_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                      batch_first, state_grad_norms):
     """The plain PyTorch loop, one direction after the other."""
-    if torch.compiler.is_exporting() and state_grad_norms is None:
-        return _scan_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
-                           batch_first)
     x = x.transpose(0, 1) if batch_first else x
     ys, h_n = [], []
     for d in range(len(weights_hh)):
@@ -652,38 +649,6 @@ def _native_recurrence(xp, y, h0, w_hh, bias, nonlinearity, lay):
     if lay.Hp != lay.H:  # the padding columns, as the kernels leave them
         y.unflatten(2, (lay.dirs, lay.Hp))[..., lay.H:].zero_()
     return torch.stack(h_n)
-
-
-def _scan_layer(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths, batch_first):
-    """The reference recurrence through torch's scan operator, under torch.export: a Python loop over T
-    would be unrolled into the program and fix T; scan keeps it dynamic. Same maths as the reference
-    (x W_ihᵀ + biases for every step in one GEMM, then one scan per direction)."""
-    from torch._higher_order_ops.scan import scan
-    x = x.transpose(0, 1) if batch_first else x
-    T, B = x.shape[:2]
-    steps = torch.arange(T, device=x.device).unsqueeze(1)
-    active = (steps < (T if lengths is None else lengths)).unsqueeze(2)  # (T, B, 1)
-    act = ACTIVATIONS[nonlinearity]
-    ys, h_n = [], []
-    for d in range(len(weights_hh)):
-        z = x @ weights_ih[d].T
-        for biases in (biases_ih, biases_hh):
-            if biases is not None:
-                z = z + biases[d]
-        w_hh = weights_hh[d]
-
-        def step(h, inputs, w_hh=w_hh):
-            z_t, active_t = inputs
-            h_t = torch.where(active_t, act(z_t + h @ w_hh.T), h)
-            return h_t, torch.where(active_t, h_t, 0.0)
-
-        backwards = (d == 1) != reverse
-        h = x.new_zeros(B, w_hh.shape[0]) if h0 is None else h0[d]
-        h, y = scan(step, h, (z.flip(0), active.flip(0)) if backwards else (z, active))
-        ys.append(y.flip(0) if backwards else y)
-        h_n.append(h)
-    y = torch.cat(ys, dim=2) if len(ys) > 1 else ys[0]
-    return (y.transpose(0, 1).contiguous() if batch_first else y), torch.stack(h_n)
 
 
 def _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,

@@ -89,8 +89,14 @@ def _state(s0, x, size):
 
 def _recur(x, xw, state, step, reverse, lengths, state_grad_norms):
     """The loop every reference shares: state = step(xw[t], state) for t in time order (reversed with
-    reverse), state[0] the output h_t. A row's steps past its length keep its state and give y = 0."""
+    reverse), state[0] the output h_t. A row's steps past its length keep its state and give y = 0.
+
+    Under torch.export it runs as torch's scan operator instead (the same step): a Python loop would be
+    unrolled into the exported program and fix T; scan keeps T dynamic. (Hooks on the steps' states,
+    which state_grad_norms needs, exist only in the loop.)"""
     T = x.shape[0]
+    if torch.compiler.is_exporting() and state_grad_norms is None:
+        return _scan(xw, state, step, reverse, lengths)
     ys = [None] * T
     for t in (reversed(range(T)) if reverse else range(T)):
         active = None if lengths is None else (t < lengths).unsqueeze(1).to(x.device)  # (B, 1)
@@ -101,6 +107,23 @@ def _recur(x, xw, state, step, reverse, lengths, state_grad_norms):
             h.register_hook(_norm_writer(state_grad_norms, t, active))
         ys[t] = h if active is None else torch.where(active, h, 0.0)
     return torch.stack(ys), state
+
+
+def _scan(xw, state, step, reverse, lengths):
+    """_recur through torch's scan: the same step and masking, T symbolic."""
+    from torch._higher_order_ops.scan import scan
+
+    T = xw.shape[0]
+    active = (torch.arange(T, device=xw.device).unsqueeze(1) < (T if lengths is None else lengths)).unsqueeze(2)
+
+    def combine(carry, inputs):
+        xw_t, active_t = inputs  # (B, ·), (B, 1)
+        carry = tuple(torch.where(active_t, n, s) for n, s in zip(step(xw_t, carry), carry))
+        return carry, torch.where(active_t, carry[0], 0.0)
+
+    xs = (xw.flip(0), active.flip(0)) if reverse else (xw, active)
+    state, ys = scan(combine, tuple(state), xs)
+    return (ys.flip(0) if reverse else ys), tuple(state)
 
 
 def _norm_writer(out, t, active):

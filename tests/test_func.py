@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
 
-from elman_triton import ElmanRNN, elman_rnn, elman_rnn_layer
+from elman_triton import GRU, LSTM, ElmanRNN, elman_rnn, elman_rnn_layer
 from utils import TOLERANCE, rel_err
 
 BACKENDS = ["auto", "stepwise", "persistent", "reference"]
@@ -253,6 +253,23 @@ def test_export_dynamic_T_and_B_without_warnings(backend):
     for shape in ((3, 5), (2, 1)):
         x, h0 = rand(*shape, D), rand(4, shape[0], H)
         assert_all_close(program.module()(x, h0), model(x, h0), f"exported at (B, T) = {shape}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family", [LSTM, GRU], ids=["lstm", "gru"])
+def test_family_exports_with_dynamic_T_and_B_without_warnings(family, backend):
+    """The same for the LSTM and GRU: torch.export with T and B dynamic, no warnings, and the program
+    matches eager on new sizes (the reference loop and, on CPU, auto export as torch's scan)."""
+    model = family(D, H, num_layers=2, bidirectional=True, batch_first=True, dtype=F64, device=DEVICE,
+                   backend=backend)
+    steps, rows = torch.export.Dim("T", min=1, max=64), torch.export.Dim("B", min=2, max=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        program = torch.export.export(model, (rand(B, T, D),), dynamic_shapes=({0: rows, 1: steps},))
+    assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    for shape in ((3, 5), (2, 1)):
+        x = rand(*shape, D)
+        assert_all_close(program.module()(x), model(x), f"exported at (B, T) = {shape}")
 
 
 def test_compiled_native_cpu_layer_is_opaque_and_T_dynamic():
