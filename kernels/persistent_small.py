@@ -238,16 +238,15 @@ def rnn_persistent_small_bwd_kernel(
             b_aux = tl.load(p_aux + t64 * stride_y_t + o_seq, mask=m_store, other=0.0).to(acc_ty)
             # The previous step's state, per row: h0 / c0 at a row's first step, else step t∓1's (both
             # loaded whole and selected: a mask from `first` is an int64 tensor in Triton 3.9's interpreter).
-            # h0 / c0 come in padded rows (zeros past H), so their loads mask at Hp and vectorise.
             t_prev = previous_step(t, rev)
             first = ((t_prev < 0) | (t_prev >= len_b))[:, None]  # [BB, 1]
             o_prev = tl.minimum(tl.maximum(t_prev, 0), T - 1).to(tl.int64) * stride_y_t + o_seq
             if G == 3:
-                b_h_prev = tl.where(first, tl.load(p_h0 + o_state, mask=m_store, other=0.0).to(acc_ty),
+                b_h_prev = tl.where(first, tl.load(p_h0 + o_state, mask=m_bh, other=0.0).to(acc_ty),
                                     tl.load(p_y + o_prev, mask=m_store, other=0.0).to(acc_ty))
             else:
                 a3 = tl.load(p_gates + o_g + 3 * Hp, mask=m_store, other=0.0).to(acc_ty)
-                b_c_prev = tl.where(first, tl.load(p_c0 + o_state, mask=m_store, other=0.0).to(acc_ty),
+                b_c_prev = tl.where(first, tl.load(p_c0 + o_state, mask=m_bh, other=0.0).to(acc_ty),
                                     tl.load(p_aux + o_prev, mask=m_store, other=0.0).to(acc_ty))
         d0, d1, d2, d3, dx_n, dh_direct, dc_prev = cell_backward(b_dy + b_dh, b_dc, b_h, b_aux, a0, a1, a2, a3,
                                                                  b_h_prev, b_c_prev, CELL, ACT)
