@@ -182,6 +182,14 @@ def _command(argv):
 
 # ---- children within the phase's limit ----------------------------------------------------------
 
+def _default_sigint():
+    """In the child before exec: SIGINT back to its default action. A background job of a
+    non-interactive shell (`cmd &` in a script, as CI and gpu_session.sh callers may run us) starts with
+    SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler: the
+    SIGINT at the limit would do nothing and the child would only ever be killed (no JUnit report)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_bounded(argv, out, log_path, seconds, poll=None, grace=None):
     """Run argv (output to log_path) in a process group of its own for at most `seconds`, calling
     poll() every POLL_S and once at the end. At the limit the group gets SIGINT (pytest writes its
@@ -193,7 +201,8 @@ def run_bounded(argv, out, log_path, seconds, poll=None, grace=None):
     grace = GRACE_S if grace is None else grace
     start = time.monotonic()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)
     with open(Path(out) / PROCESS_GROUPS, "a") as groups:
         groups.write(f"{proc.pid}\n")
     try:
