@@ -43,25 +43,6 @@ def activation_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def matmul_split_k(a, b, K_SPLIT: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """a [M, K] @ b [K, N] as K_SPLIT partial products over K/K_SPLIT-wide chunks, summed.
-
-    A plain tl.dot with a small M×N (one 16×16 tile) runs K/16 mma instructions back to back on one
-    accumulator in every warp, a dependent chain of 64 mma at K = 1024. The batched form gives each
-    warp its own chunk (Triton puts the warps on the batch axis), so the chain is K/(16·K_SPLIT) long
-    and the K_SPLIT partial tiles are summed once, through shared memory.
-    """
-    if K_SPLIT == 1:
-        return matmul(a, b, PRECISION, UPCAST)
-    M: tl.constexpr = a.shape[0]
-    K: tl.constexpr = a.shape[1]
-    N: tl.constexpr = b.shape[1]
-    a_chunks = tl.permute(tl.reshape(a, [M, K_SPLIT, K // K_SPLIT]), (1, 0, 2))  # [K_SPLIT, M, K/K_SPLIT]
-    b_chunks = tl.reshape(b, [K_SPLIT, K // K_SPLIT, N])  # [K_SPLIT, K/K_SPLIT, N]
-    return tl.sum(matmul(a_chunks, b_chunks, PRECISION, UPCAST), axis=0)
-
-
-@triton.jit
 def matmul(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation (fp64 for fp64 inputs).
 
@@ -102,22 +83,3 @@ def is_last_step(t, rev, len_b):
     starts at its own end, len_b − 1, and ends at 0)."""
     return t == tl.where(rev, 0, len_b - 1)  # a where over ints: Triton 3.9's interpreter types a where over bools as int64
 
-
-@triton.jit
-def load_state(p_h0, p_prev, o_b, o_k, m_b, from_h0, any_start, stride_h0_b, stride_prev_b, Hp):
-    """The previous state h_{t∓1} of rows o_b, units o_k ([BB, BK]): h0 where from_h0 [BB] (a row's
-    first step), else the previous step's output p_prev, read past L1 (.cg) because other programs
-    wrote it. Both come in padded rows (Hp, a multiple of 16, zeros past H; the launcher pads h0), so
-    the loads vectorise whatever H is.
-
-    On most steps no row starts (any_start, the caller's tl.max of from_h0, is False), and one load
-    from a uniform base serves. Only a step where some row starts pays the per-row choice of base
-    pointer (more registers for its addresses, once per row)."""
-    mask = m_b[:, None] & (o_k < Hp)[None, :]
-    if any_start:
-        p_rows = tl.where(from_h0, p_h0 + o_b * stride_h0_b, p_prev + o_b * stride_prev_b)  # [BB]
-        b_h = tl.load(p_rows[:, None] + o_k[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        b_h = tl.load(p_prev + o_b[:, None] * stride_prev_b + o_k[None, :], mask=mask, other=0.0,
-                      cache_modifier=".cg")
-    return b_h
