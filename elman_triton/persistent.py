@@ -40,7 +40,7 @@ import types
 import torch
 import triton
 
-from elman_triton.config import (INTERPRETED, accumulator_dtype, cdiv, compile_kernel, constexpr_args,
+from elman_triton.config import (INTERPRETED, accumulator_dtype, bound_launch, cdiv, compile_kernel, constexpr_args,
                                  next_power_of_2, on_device, with_fp_fusion)
 from elman_triton.kernels.barrier import WORD_STRIDE, barrier_loop_kernel
 from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_kernel,
@@ -208,9 +208,8 @@ def forward_recurrence(xp, y, h0, weight_hh, bias, h_n, lengths, opts, layout):
     if y is not xp:
         layout.check(y, "y")
     tensors = (xp, y, h0, weight_hh, xp if bias is None else bias, h_n, lengths)
-    with on_device(y):
-        _run((_forward_plan, layout, y.dtype, opts, bias is not None, None if lengths is None else lengths.dtype,
-              h0.stride(), weight_hh.stride()), tensors, y.device)
+    _run((_forward_plan, layout, y.dtype, opts, bias is not None, None if lengths is None else lengths.dtype,
+          h0.stride(), weight_hh.stride()), tensors, y.device)
 
 
 def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
@@ -219,19 +218,18 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
     lay.check(dz, "dz")
     key = (_backward_plan, lay, y.dtype, opts, None if lengths is None else lengths.dtype, dy.stride(),
            weight_hh.stride())
-    with on_device(y):
-        if _is_small(lay.H, y.dtype, y.device):
-            dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=accumulator_dtype(y.dtype), device=y.device)
-            _run(key + (dh_n.stride(),), (dy, dh_n, y, weight_hh, dz, dh0, lengths), y.device)
-            return dh0
-        # The large kernel reads ∂L/∂h_n from, and leaves ∂L/∂h0 in, this (dirs, B, Hp) buffer.
-        dh = torch.empty(lay.dirs, lay.B, lay.Hp, dtype=accumulator_dtype(y.dtype), device=y.device)
-        if lay.Hp == lay.H:
-            dh.copy_(dh_n)
-        else:
-            dh = dh[..., :lay.H].copy_(dh_n)  # a view of the buffer, as the caller gets ∂L/∂h0 back
-        _run(key + (None,), (dy, y, weight_hh, dz, dh, lengths), y.device)
-        return dh
+    if _is_small(lay.H, y.dtype, y.device):
+        dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=accumulator_dtype(y.dtype), device=y.device)
+        _run(key + (dh_n.stride(),), (dy, dh_n, y, weight_hh, dz, dh0, lengths), y.device)
+        return dh0
+    # The large kernel reads ∂L/∂h_n from, and leaves ∂L/∂h0 in, this (dirs, B, Hp) buffer.
+    dh = torch.empty(lay.dirs, lay.B, lay.Hp, dtype=accumulator_dtype(y.dtype), device=y.device)
+    if lay.Hp == lay.H:
+        dh.copy_(dh_n)
+    else:
+        dh = dh[..., :lay.H].copy_(dh_n)  # a view of the buffer, as the caller gets ∂L/∂h0 back
+    _run(key + (None,), (dy, y, weight_hh, dz, dh, lengths), y.device)
+    return dh
 
 
 def cell_supports(G, H, dtype):
@@ -259,9 +257,8 @@ def cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, weight_hh, bias, h_n, 
     assert aux.stride() == y.stride() and gates.stride() == xp.stride(), "aux shares y's strides, gates xp's"
     assert h0.stride() == c0.stride(), "h0 and c0 share strides"
     tensors = (xp, y, gates, aux, h0, c0, weight_hh, xp if bias is None else bias, h_n, c_n, lengths)
-    with on_device(y):
-        _run((_cell_forward_plan, G, lay, y.dtype, opts, bias is not None, None if lengths is None else lengths.dtype,
-              _tb_strides(xp, lay), h0.stride(), weight_hh.stride()), tensors, y.device)
+    _run((_cell_forward_plan, G, lay, y.dtype, opts, bias is not None, None if lengths is None else lengths.dtype,
+          _tb_strides(xp, lay), h0.stride(), weight_hh.stride()), tensors, y.device)
 
 
 def cell_backward_recurrence(G, dy, dh_n, dc_n, y, h0, gates, aux, c0, weight_hh, dz, lengths, opts, layout):
@@ -276,10 +273,9 @@ def cell_backward_recurrence(G, dy, dh_n, dc_n, y, h0, gates, aux, c0, weight_hh
     dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=acc, device=y.device)
     dc0 = torch.empty_like(dh0) if G == 4 else dh0  # GRU: never read or written
     tensors = (dy, dh_n, dc_n if G == 4 else dh_n, y, h0, gates, aux, c0, weight_hh, dz, dh0, dc0, lengths)
-    with on_device(y):
-        _run((_cell_backward_plan, G, lay, y.dtype, opts, None if lengths is None else lengths.dtype, dy.stride(),
-              dh_n.stride(), _tb_strides(gates, lay), _tb_strides(dz, lay), h0.stride(), weight_hh.stride()),
-             tensors, y.device)
+    _run((_cell_backward_plan, G, lay, y.dtype, opts, None if lengths is None else lengths.dtype, dy.stride(),
+          dh_n.stride(), _tb_strides(gates, lay), _tb_strides(dz, lay), h0.stride(), weight_hh.stride()),
+         tensors, y.device)
     return dh0, (dc0 if G == 4 else None)
 
 
@@ -308,13 +304,18 @@ _PLANS_MAX = 1024  # keys include T: a bound, not a cache policy
 
 
 def _run(key, tensors, device):
-    """Launch the kernels of key's plan on these tensors, building the plan on first use."""
+    """Launch the kernels of key's plan on these tensors, building the plan on first use, on the tensors'
+    device (multi-GPU): the device guard only when it is not the current one, since entering and
+    leaving torch.cuda.device costs more host time than the rest of a call."""
     if INTERPRETED:  # host time does not matter there; a plan per call follows kernels that tests replace
         plan = key[0](tensors, device, None, *key[1:])
         words = () if plan.n_words is None else (plan.words,)
         for launch, tail in plan.runs:
             launch(*tensors, *words, *tail)
         return
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            return _run(key, tensors, device)
     stream = _current_stream(device)
     plan_key = (key, _large, device, stream, _alignment(tensors))
     plan = _PLANS.get(plan_key)
@@ -441,14 +442,15 @@ def _large_plan(kernel, lay, dtype, device, stream, tensors, n_units, strides, m
 
 def _bound_launch(kernel, grid, args, n_leading, meta, stream, compiled=None):
     """(launch, tail) with launch(*args[:n_leading], *tail) == kernel[grid](*args, **meta) (fp fusion
-    as config.with_fp_fusion): on GPU the compiled kernel bound to grid and stream, called with the full argument list
-    (as config.direct_launcher), skipping Triton's per-call binding, specialisation and cache look-up; valid
-    for any later leading arguments Triton specialises alike (the plan key's job)."""
+    as config.with_fp_fusion): on GPU the compiled kernel's launcher bound to grid and stream
+    (config.bound_launch), called with the full argument list, skipping Triton's per-call binding,
+    specialisation, cache look-up and launch metadata; valid for any later leading arguments Triton
+    specialises alike (the plan key's job)."""
     if INTERPRETED:
         return functools.partial(kernel[grid], **with_fp_fusion(meta)), args[n_leading:]
     compiled = compiled or compile_kernel(kernel, args, meta)
     tail = (*args[n_leading:], *constexpr_args(kernel, args, meta))
-    return functools.partial(compiled[grid], stream=stream), tail
+    return bound_launch(compiled, grid, stream), tail
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from elman_triton import elman_rnn, ops, persistent, stepwise
+from elman_triton import config, elman_rnn, ops, persistent, stepwise
 from elman_triton.config import FP_FUSION, INTERPRETED, Layout, kernel_options
 from elman_triton.kernels import barrier
 
@@ -19,10 +19,15 @@ OPTS = kernel_options(torch.bfloat16, "tanh", fast_tanh=False)
 
 
 class FakeCompiled(SimpleNamespace):
-    """A compiled kernel: its registers and shared memory, and launches recorded by its kernel."""
+    """A compiled kernel: its registers and shared memory, and launches recorded by its kernel, through
+    Triton's launcher (`run`, as config.bound_launch calls it) or its runner (compiled[grid])."""
+    function, packed_metadata = "function handle", "packed metadata"
 
     def _init_handles(self):
         pass
+
+    def run(self, grid_x, grid_y, grid_z, stream, function, packed_metadata, launch_metadata, enter, leave, *args):
+        self.kernel.launches.append(((grid_x, grid_y, grid_z), args, self))
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: self.kernel.launches.append((grid, args, self))
@@ -307,3 +312,49 @@ def test_gpu_bidirectional_lengths_at_large_H():
     check_layer(T, 64, 64, 1024, 2, False, lengths, "persistent", torch.device("cuda"), dtype=torch.bfloat16,
                 tol=2e-2)
     persistent.check_errors(wait=True)
+
+
+def test_bound_launch_passes_what_tritons_runner_passes():
+    """config.bound_launch (every persistent launch) calls Triton's launcher with the arguments that
+    Triton's own runner (CompiledKernel.__getitem__, run here on a stub) gives it: grid, stream,
+    function, packed metadata and the kernel's arguments, in the same places; while no launch hook is
+    installed, no launch metadata and no hooks (the launcher skips None ones). With a hook installed
+    it goes through the runner, which hands the launcher the hook chain."""
+    from triton import knobs
+    from triton.compiler.compiler import CompiledKernel
+
+    received = []
+
+    class Stub:  # what CompiledKernel's runner reads of a compiled kernel
+        name, function, packed_metadata, src = "kernel", "function handle", "packed metadata", None
+        __getitem__ = CompiledKernel.__getitem__
+        launch_metadata = CompiledKernel.launch_metadata
+
+        def _init_handles(self):
+            pass
+
+        def run(self, *args):
+            received.append(args)
+
+    grid, stream = (5, 3, 2), 9
+    Stub()[grid](1.5, "x", stream=stream)
+    by_runner = received.pop()
+    launch = config.bound_launch(Stub(), grid, stream)
+    launch(1.5, "x")
+    direct = received.pop()
+    assert len(direct) == len(by_runner)
+    assert direct[:6] == by_runner[:6] == (*grid, stream, "function handle", "packed metadata")
+    assert direct[9:] == by_runner[9:] == (1.5, "x")
+    assert direct[6:9] == (None, None, None)
+    assert by_runner[7] is knobs.runtime.launch_enter_hook and not by_runner[7].calls
+
+    def hook(metadata):
+        pass
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        launch(2.5, "y")
+        hooked = received.pop()
+        assert hooked[7] is knobs.runtime.launch_enter_hook and hooked[7].calls == [hook]
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert hooked[6] is not None and hooked[9:] == (2.5, "y")
