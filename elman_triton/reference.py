@@ -35,7 +35,8 @@ def elman_rnn_reference(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None,
     def step(xw, state):
         return (act(xw + _linear(state[0], weight_hh, bias_hh)),)
 
-    ys, (h,) = _recur(x, _linear(x, weight_ih, bias_ih), (_state(h0, x, H),), step, reverse, lengths, state_grad_norms)
+    ys, (h,) = _recur(x, _linear(x, weight_ih, bias_ih), (_state(h0, x, H),), step, reverse, lengths,
+                      (state_grad_norms,))
     return ys, h
 
 
@@ -54,16 +55,19 @@ def gru_reference(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, re
         n = torch.tanh(x_n + r * h_n)
         return ((1 - z) * n + z * h,)
 
-    ys, (h,) = _recur(x, _linear(x, weight_ih, bias_ih), (_state(h0, x, H),), step, reverse, lengths, state_grad_norms)
+    ys, (h,) = _recur(x, _linear(x, weight_ih, bias_ih), (_state(h0, x, H),), step, reverse, lengths,
+                      (state_grad_norms,))
     return ys, h
 
 
 def lstm_reference(x, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, *, reverse=False,
-                   lengths=None, state_grad_norms=None):
+                   lengths=None, state_grad_norms=None, cell_grad_norms=None):
     """One LSTM layer, one direction, torch.nn.LSTM's maths; weights (4H, D), (4H, P), biases (4H,) or None
     in nn.LSTM's gate order (i, f, g, o); weight_hr: (P, H) with proj_size P, else None (P = H).
     h0: (B, P) or None, c0: (B, H) or None. Returns y (T, B, P), h_n (B, P), c_n (B, H). reverse,
-    lengths and state_grad_norms (‖∂L/∂h_t‖ of the output state h_t) as elman_rnn_reference."""
+    lengths and state_grad_norms (‖∂L/∂h_t‖ of the output state h_t) as elman_rnn_reference;
+    cell_grad_norms: None, or a float32 (T, B) tensor that the backward fills with ‖∂L/∂c_t[b, :]‖₂, the
+    total derivative with respect to the cell state (through h_t and c_{t+1}, and c_n)."""
     H = weight_hh.shape[0] // 4
     P = H if weight_hr is None else weight_hr.shape[0]
 
@@ -75,7 +79,7 @@ def lstm_reference(x, h0, c0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, 
         return (h if weight_hr is None else h @ weight_hr.T), c
 
     ys, (h, c) = _recur(x, _linear(x, weight_ih, bias_ih), (_state(h0, x, P), _state(c0, x, H)), step, reverse,
-                        lengths, state_grad_norms)
+                        lengths, (state_grad_norms, cell_grad_norms))
     return ys, h, c
 
 
@@ -87,24 +91,28 @@ def _state(s0, x, size):
     return x.new_zeros(x.shape[1], size) if s0 is None else s0
 
 
-def _recur(x, xw, state, step, reverse, lengths, state_grad_norms):
+def _recur(x, xw, state, step, reverse, lengths, norms):
     """The loop every reference shares: state = step(xw[t], state) for t in time order (reversed with
     reverse), state[0] the output h_t. A row's steps past its length keep its state and give y = 0.
+    norms: one (T, B) buffer or None per state tensor, filled with the norms of its gradients.
 
     Under torch.export it runs as torch's scan operator instead (the same step): a Python loop would be
     unrolled into the exported program and fix T; scan keeps T dynamic. (Hooks on the steps' states,
     which state_grad_norms needs, exist only in the loop.)"""
     T = x.shape[0]
-    if torch.compiler.is_exporting() and state_grad_norms is None:
+    if torch.compiler.is_exporting() and all(n is None for n in norms):
         return _scan(xw, state, step, reverse, lengths)
     ys = [None] * T
     for t in (reversed(range(T)) if reverse else range(T)):
         active = None if lengths is None else (t < lengths).unsqueeze(1).to(x.device)  # (B, 1)
         new = step(xw[t], state)
+        # the hooks go on the step's own states: with lengths, the kept state (torch.where) of an LSTM
+        # would miss the path from c_t through h_t, which the step computed from its own c_t
+        for s, out in zip(new, norms):
+            if out is not None and s.requires_grad:
+                s.register_hook(_norm_writer(out, t, active))
         state = new if active is None else tuple(torch.where(active, n, s) for n, s in zip(new, state))
         h = state[0]
-        if state_grad_norms is not None and h.requires_grad:
-            h.register_hook(_norm_writer(state_grad_norms, t, active))
         ys[t] = h if active is None else torch.where(active, h, 0.0)
     return torch.stack(ys), state
 

@@ -357,15 +357,6 @@ def test_one_launch_per_step_for_both_directions(monkeypatch, cell, device):
     assert (fwd.launches, bwd.launches) == (T, T)
 
 
-def test_double_backward_raises_clearly(device):
-    """create_graph=True through the LSTM/GRU kernels is not implemented: a RuntimeError that says so (the
-    reference backend differentiates twice)."""
-    x, h0 = rand(2, 1, 2, device=device), rand(1, 3, device=device)
-    y, h = gru(x, h0, rand(9, 2, device=device), rand(9, 3, device=device), backend="stepwise")
-    with pytest.raises(RuntimeError, match="double backward .* not implemented; use backend='reference'"):
-        torch.autograd.grad(y.sum(), x, create_graph=True)
-
-
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_persistent_small_kernels_match_stepwise(cell, device):
     """The persistent small-H launchers (persistent.cell_forward_recurrence / cell_backward_recurrence) against
