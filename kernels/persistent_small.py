@@ -75,16 +75,7 @@ def rnn_persistent_small_fwd_kernel(
     acc_ty = tl.float64 if p_y.dtype.element_ty == tl.float64 else tl.float32
 
     # W_hh,gᵀ[k, n] = W_hh[g·H + n, k], read through strides: G blocks [BH, BH], on-chip for all T steps.
-    p_w = p_w + i_d * stride_w_d
-    m_wt = (o_h < Hp)[:, None] & m_h[None, :]
-    p_wt = p_w + o_h[:, None] * stride_w_k + o_h[None, :] * stride_w_n
-    w0 = tl.load(p_wt, mask=m_wt, other=0.0)
-    w1, w2, w3 = w0, w0, w0
-    if G > 1:
-        w1 = tl.load(p_wt + H * stride_w_n, mask=m_wt, other=0.0)
-        w2 = tl.load(p_wt + 2 * H * stride_w_n, mask=m_wt, other=0.0)
-    if G > 3:
-        w3 = tl.load(p_wt + 3 * H * stride_w_n, mask=m_wt, other=0.0)
+    w0, w1, w2, w3 = _w_hh_blocks(p_w + i_d * stride_w_d, o_h, m_h, H, Hp, stride_w_n, stride_w_k, G, True)
     b0 = tl.zeros([BH], dtype=acc_ty)
     b1, b2, b3 = b0, b0, b0
     if HAS_BIAS:
@@ -200,16 +191,7 @@ def rnn_persistent_small_bwd_kernel(
     acc_ty = p_dh0.dtype.element_ty
 
     # W_hh,g[n, k] = W_hh[g·H + n, k]: G blocks [BH(n), BH(k)], on-chip for all T steps.
-    p_w = p_w + i_d * stride_w_d
-    m_w = m_h[:, None] & (o_h < Hp)[None, :]
-    p_wg = p_w + o_h[:, None] * stride_w_n + o_h[None, :] * stride_w_k
-    w0 = tl.load(p_wg, mask=m_w, other=0.0)
-    w1, w2, w3 = w0, w0, w0
-    if G > 1:
-        w1 = tl.load(p_wg + H * stride_w_n, mask=m_w, other=0.0)
-        w2 = tl.load(p_wg + 2 * H * stride_w_n, mask=m_w, other=0.0)
-    if G > 3:
-        w3 = tl.load(p_wg + 3 * H * stride_w_n, mask=m_w, other=0.0)
+    w0, w1, w2, w3 = _w_hh_blocks(p_w + i_d * stride_w_d, o_h, m_h, H, Hp, stride_w_n, stride_w_k, G, False)
     o_dhn = i_d * stride_dhn_d + o_b[:, None] * stride_dhn_b + o_h[None, :] * stride_dhn_h
     b_dh = tl.load(p_dh_n + o_dhn, mask=m_bh, other=0.0).to(acc_ty)  # [BB, BH], fp32 (fp64) carry
     b_dc = b_dh
@@ -274,6 +256,30 @@ def rnn_persistent_small_bwd_kernel(
     tl.store(p_dh0 + o_first, b_dh, mask=m_bh)
     if G == 4:
         tl.store(p_dc0 + o_first, b_dc, mask=m_bh)
+
+
+@triton.jit
+def _w_hh_blocks(p_w, o_h, m_h, H, Hp, stride_w_n, stride_w_k, G: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """One direction's W_hh (p_w) as its G gate blocks [BH, BH]: W_hh,g[n, k] = W_hh[g·H + n, k] (the
+    backward's dh = Σ_g d_g W_hh,g), or with TRANSPOSED W_hh,gᵀ[k, n] (the forward's h W_hh,gᵀ). Rows n ≥ H
+    load as 0; columns k < Hp load whole (the launcher pads W_hh's rows to Hp with zeros: aligned vector
+    loads). Unused blocks (G < 4) repeat block 0 and are never read."""
+    m_n = m_h
+    m_k = o_h < Hp
+    if TRANSPOSED:
+        p_g = p_w + o_h[:, None] * stride_w_k + o_h[None, :] * stride_w_n  # [BH(k), BH(n)]
+        m_w = m_k[:, None] & m_n[None, :]
+    else:
+        p_g = p_w + o_h[:, None] * stride_w_n + o_h[None, :] * stride_w_k  # [BH(n), BH(k)]
+        m_w = m_n[:, None] & m_k[None, :]
+    w0 = tl.load(p_g, mask=m_w, other=0.0)
+    w1, w2, w3 = w0, w0, w0
+    if G > 1:
+        w1 = tl.load(p_g + H * stride_w_n, mask=m_w, other=0.0)
+        w2 = tl.load(p_g + 2 * H * stride_w_n, mask=m_w, other=0.0)
+    if G > 3:
+        w3 = tl.load(p_g + 3 * H * stride_w_n, mask=m_w, other=0.0)
+    return w0, w1, w2, w3
 
 
 @triton.jit
