@@ -323,8 +323,9 @@ def _record_norms(norms, dy, dz, dh_n, dc_n, w_hh, gates, aux, lengths, G, lay):
 def _tangents(ctx, dxp, dh0, dc0, dw_hh, dbias):
     """Forward mode (jvp): the tangents of (y, h_n, c_n, gates, aux), by _tangent_loop over the saved tensors."""
     (h0, c0, w_hh, y, gates, aux, lengths), lay = _saved_layout(ctx)
-    return _tangent_loop(dxp, dh0, dc0 if ctx.G == 4 else None, dw_hh, dbias, y, h0, c0, w_hh, gates, aux, lengths,
-                         ctx.G, lay)
+    dy, dh_n, dc_n, dgates, daux = _tangent_loop(dxp, dh0, dc0 if ctx.G == 4 else None, dw_hh, dbias, y, h0, c0, w_hh,
+                                                 gates, aux, lengths, ctx.G, lay)
+    return dy, dh_n, dc_n if ctx.G == 4 else None, dgates, daux  # GRU's c_n: not differentiable
 
 
 class _CellRecurrence(torch.autograd.Function):

@@ -184,3 +184,35 @@ def test_state_gradient_norms_match_loop(cell, backend, device):
         want = want if cell == "lstm" else want[0]
         assert rel_err(got, want) <= 1e-6, f"layer {k}: {rel_err(got, want):.2e}"
         assert (got[..., 1:, 1] == 0).all()  # row 1 has one step: the rest is padding
+
+
+@pytest.mark.parametrize("cls", [LSTM, GRU], ids=["LSTM", "GRU"])
+def test_recorder_buffers_and_views(cls, device):
+    """record_state_gradients' side of the hook protocol for the LSTM and GRU, driven as the modules drive
+    it (one buffer per layer from the hook, each handed to run_cell_layer, the rows of a packed batch
+    sorted): the buffers' shapes ((2, dirs, T, B) for the LSTM), .norms / .per_sample for h and the
+    LSTM's .cell_norms / .cell_per_sample for c, in nn's h_n order and the caller's row order."""
+    from elman_triton.diagnostics import record_state_gradients
+
+    cell = "lstm" if cls is LSTM else "gru"
+    T, B, D = 3, 3, 2
+    module = cls(D, 4, num_layers=2, bidirectional=True, dtype=F64, device=device, backend="stepwise")
+    unsorted = torch.tensor([2, 0, 1], device=device)
+    lengths = torch.tensor([3, 2, 1], device=device)  # sorted rows
+    with record_state_gradients(module, per_sample=True) as rec:
+        buffers = module.state_grad_norms_hook(T, B, device, unsorted)
+        assert [tuple(b.shape) for b in buffers] == [((2,) if cell == "lstm" else ()) + (2, T, B)] * 2
+        x = torch.randn(T, B, D, dtype=F64, device=device, requires_grad=True)
+        for k, buf in enumerate(buffers):
+            w = [tuple(module.all_weights[2 * k + d][j] for d in range(2)) for j in range(4)]
+            x, _ = run_cell_layer(cell, x, None, None, *w, backend="stepwise", lengths=lengths, state_grad_norms=buf)
+        x.square().sum().backward()
+        kinds = [("norms", "per_sample")] + ([("cell_norms", "cell_per_sample")] if cell == "lstm" else [])
+        for kind, (total, per_row) in enumerate(kinds):
+            want = torch.cat([b[kind] if cell == "lstm" else b for b in buffers])[:, :, unsorted]  # (4, T, B)
+            assert torch.equal(getattr(rec, per_row), want)
+            assert rel_err(getattr(rec, total), want.double().norm(dim=2)) <= 1e-6
+        if cell == "gru":
+            with pytest.raises(AttributeError, match="LSTM"):
+                rec.cell_norms
+
