@@ -67,11 +67,7 @@ def rnn_persistent_small_fwd_kernel(
     G: tl.constexpr = CELL
     S: tl.constexpr = G + (G == 3)  # bias slots: GRU's n gate has two
     Hp = stride_y_d
-    i_d = tl.program_id(1)
-    rev = (i_d == 1) != REVERSE
-    o_b, o_h, m_b, m_h = _batch_tile(B, H, BB, BH)
-    m_bh = m_b[:, None] & m_h[None, :]
-    len_b = row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS)  # [BB]
+    i_d, rev, o_b, o_h, m_h, m_bh, m_store, len_b = _program_tile(p_len, T, B, H, Hp, REVERSE, HAS_LENGTHS, BB, BH)
     acc_ty = tl.float64 if p_y.dtype.element_ty == tl.float64 else tl.float32
 
     # W_hh,gᵀ[k, n] = W_hh[g·H + n, k], read through strides: G blocks [BH, BH], on-chip for all T steps.
@@ -96,7 +92,6 @@ def rnn_persistent_small_fwd_kernel(
     o_gseq = o_seq  # Elman's Xp has y's layout: one set of int64 offsets (registers: fp64 spilled with two)
     if G > 1:
         o_gseq = i_d * G * Hp + o_b[:, None] * stride_x_b + o_h[None, :]
-    m_store = m_b[:, None] & (o_h < Hp)[None, :]  # the padding columns get their zeros too
     for s in range(0, T):
         t = step_index(s, T, rev)
         t64 = t.to(tl.int64)
@@ -182,11 +177,7 @@ def rnn_persistent_small_bwd_kernel(
     G: tl.constexpr = CELL
     S: tl.constexpr = G + (G == 3)
     Hp = stride_y_d
-    i_d = tl.program_id(1)
-    rev = (i_d == 1) != REVERSE
-    o_b, o_h, m_b, m_h = _batch_tile(B, H, BB, BH)
-    m_bh = m_b[:, None] & m_h[None, :]
-    len_b = row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS)  # [BB]
+    i_d, rev, o_b, o_h, m_h, m_bh, m_store, len_b = _program_tile(p_len, T, B, H, Hp, REVERSE, HAS_LENGTHS, BB, BH)
     dz_ty = p_dz.dtype.element_ty
     acc_ty = p_dh0.dtype.element_ty
 
@@ -203,7 +194,6 @@ def rnn_persistent_small_bwd_kernel(
     if G > 1:
         o_zseq = i_d * S * Hp + o_b[:, None] * stride_z_b + o_h[None, :]
     p_dy = p_dy + i_d * stride_dy_d + o_b[:, None] * stride_dy_b + o_h[None, :] * stride_dy_h
-    m_store = m_b[:, None] & (o_h < Hp)[None, :]
     for s in range(0, T):
         t = step_index(s, T, rev == 0)  # the forward's steps in reverse
         t64 = t.to(tl.int64)
@@ -290,8 +280,17 @@ def _xp(p_xp, o_g, g, Hp, m_store, acc_ty: tl.constexpr):
 
 
 @triton.jit
-def _batch_tile(B, H, BB: tl.constexpr, BH: tl.constexpr):
-    """This program's batch rows o_b [BB] and all hidden units o_h [BH] (int64), with their masks."""
+def _program_tile(p_len, T, B, H, Hp, REVERSE: tl.constexpr, HAS_LENGTHS: tl.constexpr, BB: tl.constexpr,
+                  BH: tl.constexpr):
+    """What program (i, d) works on: direction i_d (running backwards when rev), batch rows o_b [BB] and all
+    hidden units o_h [BH] (int64), their masks (m_h: h < H; m_bh: b < B and h < H, the states; m_store:
+    b < B and h < Hp, the sequence buffers, whose padding columns get their zeros too) and the rows'
+    lengths len_b [BB] (T without HAS_LENGTHS)."""
+    i_d = tl.program_id(1)
+    rev = (i_d == 1) != REVERSE
     o_b = (tl.program_id(0) * BB + tl.arange(0, BB)).to(tl.int64)
     o_h = tl.arange(0, BH).to(tl.int64)
-    return o_b, o_h, o_b < B, o_h < H
+    m_b = o_b < B
+    m_h = o_h < H
+    len_b = row_lengths(p_len, o_b, m_b, T, HAS_LENGTHS)  # [BB]
+    return i_d, rev, o_b, o_h, m_h, m_b[:, None] & m_h[None, :], m_b[:, None] & (o_h < Hp)[None, :], len_b
