@@ -45,13 +45,12 @@ elman_triton::cell_recurrence / cell_recurrence_backward, and torch.func there r
 """
 import torch
 import torch.nn.functional as F
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from elman_triton import persistent, stepwise
 from elman_triton.config import INTERPRETED, SUPPORTED_DTYPES, Layout, accumulator_dtype, kernel_options, padded
 from elman_triton.ops import (BACKENDS, TRITON_BACKENDS, _padded_rows, _recurrent_weight_grad, _reversed,
                               _shape_layout, _stack, _time_major, _transformed, _vmap_rows, check_layer_inputs,
-                              check_lengths)
+                              check_lengths, native_layer, native_params)
 from elman_triton.state_gradients import cell_state_gradient_norms
 from elman_triton.reference import gru_reference, lstm_reference
 
@@ -638,43 +637,18 @@ def _reference_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih, biases_
 
 def _torch_native(cell, x, h0, c0, weights_ih, weights_hh, biases_ih, biases_hh, weights_hr, reverse, lengths,
                   batch_first):
-    """PyTorch's own torch.lstm / torch.gru (what nn.LSTM / nn.GRU run): the fast path for CPU tensors.
-    Variable lengths run through its packed-sequence form (a pack and an unpack of x and y, as nn's)."""
+    """PyTorch's own torch.lstm / torch.gru (what nn.LSTM / nn.GRU run): the fast path for CPU tensors
+    (ops.native_layer, as the Elman op's)."""
     dirs = len(weights_hh)
     H, P = weights_hh[0].shape[0] // GATES[cell], weights_hh[0].shape[1]  # P: the state's width (proj_size)
     B = x.shape[0] if batch_first else x.shape[1]
-    has_bias = biases_ih is not None or biases_hh is not None
-    params = []
-    for d in range(dirs):
-        params += [weights_ih[d], weights_hh[d]]
-        if has_bias:
-            params += [b[d] if b is not None else weights_hh[d].new_zeros(GATES[cell] * H)
-                       for b in (biases_ih, biases_hh)]
-        if weights_hr is not None:
-            params.append(weights_hr[d])
+    params, has_bias = native_params(weights_ih, weights_hh, biases_ih, biases_hh, weights_hr)
     h0 = x.new_zeros(dirs, B, P) if h0 is None else h0
     if cell == "lstm":
-        hx = (h0, x.new_zeros(dirs, B, H) if c0 is None else c0)
-        run = torch.lstm
+        hx, run = (h0, x.new_zeros(dirs, B, H) if c0 is None else c0), torch.lstm
     else:
         hx, run = h0, torch.gru
-    time_dim = 1 if batch_first else 0
-    if lengths is None:
-        x_in = x.flip(time_dim) if reverse else x
-        # Positional: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-        y, *state = run(x_in, hx, params, has_bias, 1, 0.0, False, dirs == 2, batch_first)
-        y = (y.flip(time_dim) if reverse else y).contiguous()
-    else:
-        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
-        hx = tuple(s.index_select(1, packed.sorted_indices) for s in hx) if cell == "lstm" else \
-            hx.index_select(1, packed.sorted_indices)
-        # Packed: (data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)
-        data, *state = run(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, False, dirs == 2)
-        y, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
-                                                  packed.unsorted_indices),
-                                   batch_first=batch_first, total_length=x.shape[time_dim])
-        y = y.contiguous()
-        state = [s.index_select(1, packed.unsorted_indices) for s in state]
+    y, state = native_layer(run, x, hx, params, has_bias, dirs == 2, reverse, lengths, batch_first)
     return y, (state[0], state[1] if cell == "lstm" else None)
 
 

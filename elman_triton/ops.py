@@ -634,7 +634,7 @@ def _native_recurrence(xp, y, h0, w_hh, bias, nonlinearity, lay):
     identity W_ih (one extra H×H GEMM over the sequence), y written into its block; returns h_n. Its
     backward is _differentiable_backward's loop: so a vmapped batch folds into B and the weight
     gradients stay GEMMs per model (one native call for B·N rows, not N)."""
-    run = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
+    run = _native_kernel(nonlinearity)
     eye, zeros = torch.eye(lay.H, dtype=xp.dtype, device=xp.device), xp.new_zeros(lay.H)
     h_n = []
     for d in range(lay.dirs):
@@ -653,46 +653,56 @@ def _native_recurrence(xp, y, h0, w_hh, bias, nonlinearity, lay):
 
 def _torch_native(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, lengths,
                   batch_first):
-    """PyTorch's own RNN kernel (what nn.RNN runs): the fast path for CPU tensors. Variable lengths run
-    through its packed-sequence form (a pack and an unpack of x and y, as nn.RNN)."""
+    """PyTorch's own RNN kernel (what nn.RNN runs): the fast path for CPU tensors (native_layer)."""
     dirs, H = len(weights_hh), weights_hh[0].shape[0]
     B = x.shape[0] if batch_first else x.shape[1]
-    params, has_bias = _native_params(weights_ih, weights_hh, biases_ih, biases_hh)
+    params, has_bias = native_params(weights_ih, weights_hh, biases_ih, biases_hh)
     hx = x.new_zeros(dirs, B, H) if h0 is None else h0
-    if lengths is None:
-        return _native_run(x, hx, params, has_bias, nonlinearity, dirs == 2, reverse, batch_first)
-    run = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
-    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
-    # Packed: (data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)
-    data, h_n = run(packed.data, packed.batch_sizes, hx.index_select(1, packed.sorted_indices), params, has_bias,
-                    1, 0.0, False, dirs == 2)
-    y, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
-                                              packed.unsorted_indices),
-                               batch_first=batch_first, total_length=x.shape[1 if batch_first else 0])
-    return y.contiguous(), h_n.index_select(1, packed.unsorted_indices)
+    y, (h_n,) = native_layer(_native_kernel(nonlinearity), x, hx, params, has_bias, dirs == 2, reverse, lengths,
+                             batch_first)
+    return y, h_n
 
 
-def _native_params(weights_ih, weights_hh, biases_ih, biases_hh):
-    """torch.rnn_tanh's flat parameter list (w_ih, w_hh[, b_ih, b_hh] per direction) and has_biases."""
-    H = weights_hh[0].shape[0]
+def native_params(weights_ih, weights_hh, biases_ih, biases_hh, weights_hr=None):
+    """PyTorch's RNN kernels' flat parameter list (w_ih, w_hh[, b_ih, b_hh][, w_hr] per direction; a
+    missing bias as zeros) and has_biases, for the Elman, GRU and LSTM (weights_hr: its proj_size) alike."""
     has_bias = biases_ih is not None or biases_hh is not None
     params = []
     for d in range(len(weights_hh)):
         params += [weights_ih[d], weights_hh[d]]
         if has_bias:
-            params += [b[d] if b is not None else weights_hh[d].new_zeros(H) for b in (biases_ih, biases_hh)]
+            params += [b[d] if b is not None else weights_hh[d].new_zeros(weights_hh[d].shape[0])
+                       for b in (biases_ih, biases_hh)]
+        if weights_hr is not None:
+            params.append(weights_hr[d])
     return params, has_bias
 
 
-def _native_run(x, hx, params, has_bias, nonlinearity, bidirectional, reverse, batch_first):
-    """torch.rnn_tanh / rnn_relu over a padded batch, one layer: (y, h_n)."""
-    run = torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
+def native_layer(run, x, hx, params, has_bias, bidirectional, reverse, lengths, batch_first):
+    """One layer of PyTorch's own RNN kernel run (torch.rnn_tanh, rnn_relu, gru or lstm) over a padded
+    batch: hx its initial state ((h0, c0) for torch.lstm), params its flat list (native_params). Variable
+    lengths run through its packed-sequence form (a pack and an unpack of x and y, as nn's modules; it has
+    no reverse-only layer for them). Returns y, contiguous (a batch-first y comes back from the kernel as a
+    transposed view; the modules return a contiguous one), and the list of its final states."""
     time_dim = 1 if batch_first else 0
-    x_in = x.flip(time_dim) if reverse else x
-    # Positional: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-    y, h_n = run(x_in, hx, params, has_bias, 1, 0.0, False, bidirectional, batch_first)
-    # batch-first: torch's kernel hands back a transposed view; ElmanRNN returns a contiguous y
-    return (y.flip(time_dim) if reverse else y).contiguous(), h_n
+    if lengths is None:
+        x_in = x.flip(time_dim) if reverse else x
+        # Positional: (input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        y, *state = run(x_in, hx, params, has_bias, 1, 0.0, False, bidirectional, batch_first)
+        return (y.flip(time_dim) if reverse else y).contiguous(), state
+    packed = pack_padded_sequence(x, lengths.cpu(), batch_first=batch_first, enforce_sorted=False)
+    hx = tuple(s.index_select(1, packed.sorted_indices) for s in hx) if isinstance(hx, tuple) else \
+        hx.index_select(1, packed.sorted_indices)
+    # Packed: (data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)
+    data, *state = run(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, False, bidirectional)
+    y, _ = pad_packed_sequence(PackedSequence(data, packed.batch_sizes, packed.sorted_indices,
+                                              packed.unsorted_indices),
+                               batch_first=batch_first, total_length=x.shape[time_dim])
+    return y.contiguous(), [h.index_select(1, packed.unsorted_indices) for h in state]
+
+
+def _native_kernel(nonlinearity):
+    return torch.rnn_tanh if nonlinearity == "tanh" else torch.rnn_relu
 
 
 def _native_op(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity, reverse, batch_first):
@@ -709,7 +719,9 @@ def _native_op(x, h0, weights_ih, weights_hh, biases_ih, biases_hh, nonlinearity
 
 def _native_stacked(x, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity, reverse, batch_first):
     params = [w[d] for d in range(w_hh.shape[0]) for w in (w_ih, w_hh, b_ih, b_hh)]
-    return _native_run(x, hx, params, True, nonlinearity, w_hh.shape[0] == 2, reverse, batch_first)
+    y, (h_n,) = native_layer(_native_kernel(nonlinearity), x, hx, params, True, w_hh.shape[0] == 2, reverse, None,
+                             batch_first)
+    return y, h_n
 
 
 @torch.library.custom_op("elman_triton::native_layer", mutates_args=())
