@@ -58,47 +58,54 @@ GATES = {"gru": 3, "lstm": 4}
 
 
 def lstm(x, hx, weight_ih, weight_hh, bias_ih=None, bias_hh=None, weight_hr=None, *, backend="auto", reverse=False,
-         lengths=None, batch_first=False):
+         lengths=None, batch_first=False, state_grad_norms=None):
     """One LSTM layer, one direction (torch.nn.LSTM's maths, gates i, f, g, o).
 
     x: (T, B, D), or (B, T, D) with batch_first. hx: None (zeros) or (h0, c0), h0 (B, P), c0 (B, H).
     weight_ih (4H, D), weight_hh (4H, P), bias_ih / bias_hh (4H,) or None, weight_hr (P, H) or None
     (proj_size P; without it P = H), as nn.LSTM lays them out. Returns y (T, B, P) ((B, T, P) with
     batch_first) and (h_n (B, P), c_n (B, H)). backend, reverse and lengths as elman_rnn.
+    state_grad_norms: None, or a zeroed float32 (2, T, B) tensor that the backward fills with ‖∂L/∂h_t[b]‖₂
+    and ‖∂L/∂c_t[b]‖₂ (see run_cell_layer).
     """
     h0, c0 = (None, None) if hx is None else hx
     y, (h_n, c_n) = lstm_layer(x, None if hx is None else (_unsqueeze(h0), _unsqueeze(c0)), (weight_ih,), (weight_hh,),
                                _one(bias_ih), _one(bias_hh), _one(weight_hr), backend=backend, reverse=reverse,
-                               lengths=lengths, batch_first=batch_first)
+                               lengths=lengths, batch_first=batch_first,
+                               state_grad_norms=None if state_grad_norms is None else state_grad_norms.unsqueeze(1))
     return y, (h_n[0], c_n[0])
 
 
 def gru(x, h0, weight_ih, weight_hh, bias_ih=None, bias_hh=None, *, backend="auto", reverse=False, lengths=None,
-        batch_first=False):
+        batch_first=False, state_grad_norms=None):
     """One GRU layer, one direction (torch.nn.GRU's maths, gates r, z, n). weight_ih (3H, D), weight_hh
-    (3H, H), biases (3H,) or None; h0 (B, H) or None. Returns y and h_n (B, H); the rest as lstm."""
+    (3H, H), biases (3H,) or None; h0 (B, H) or None. Returns y and h_n (B, H); the rest as lstm
+    (state_grad_norms: (T, B), ‖∂L/∂h_t[b]‖₂)."""
     y, h_n = gru_layer(x, _unsqueeze(h0), (weight_ih,), (weight_hh,), _one(bias_ih), _one(bias_hh), backend=backend,
-                       reverse=reverse, lengths=lengths, batch_first=batch_first)
+                       reverse=reverse, lengths=lengths, batch_first=batch_first,
+                       state_grad_norms=_unsqueeze(state_grad_norms))
     return y, h_n[0]
 
 
 def lstm_layer(x, hx, weights_ih, weights_hh, biases_ih=None, biases_hh=None, weights_hr=None, *, backend="auto",
-               reverse=False, lengths=None, batch_first=False):
+               reverse=False, lengths=None, batch_first=False, state_grad_norms=None):
     """One LSTM layer with one or two directions, run together (one launch per step and pass).
     weights_* / biases_*: one tensor per direction in nn.LSTM's layout (biases_* and weights_hr may be
     None); with two, direction 0 runs forward and direction 1 in reverse. hx: None or (h0, c0), each
-    (dirs, B, ·) or None. Returns y (T, B, dirs·P) and (h_n, c_n), (dirs, B, P) and (dirs, B, H)."""
+    (dirs, B, ·) or None. Returns y (T, B, dirs·P) and (h_n, c_n), (dirs, B, P) and (dirs, B, H).
+    state_grad_norms: None or float32 (2, dirs, T, B) (see run_cell_layer)."""
     h0, c0 = (None, None) if hx is None else hx
     return run_cell_layer("lstm", x, h0, c0, weights_ih, weights_hh, biases_ih, biases_hh, weights_hr, backend=backend,
-                          reverse=reverse, lengths=lengths, batch_first=batch_first)
+                          reverse=reverse, lengths=lengths, batch_first=batch_first, state_grad_norms=state_grad_norms)
 
 
 def gru_layer(x, h0, weights_ih, weights_hh, biases_ih=None, biases_hh=None, *, backend="auto", reverse=False,
-              lengths=None, batch_first=False):
+              lengths=None, batch_first=False, state_grad_norms=None):
     """One GRU layer with one or two directions (see lstm_layer). h0: (dirs, B, H) or None. Returns y
-    (T, B, dirs·H) and h_n (dirs, B, H)."""
+    (T, B, dirs·H) and h_n (dirs, B, H). state_grad_norms: None or float32 (dirs, T, B) (see run_cell_layer)."""
     y, (h_n, _) = run_cell_layer("gru", x, h0, None, weights_ih, weights_hh, biases_ih, biases_hh, None,
-                                 backend=backend, reverse=reverse, lengths=lengths, batch_first=batch_first)
+                                 backend=backend, reverse=reverse, lengths=lengths, batch_first=batch_first,
+                                 state_grad_norms=state_grad_norms)
     return y, h_n
 
 

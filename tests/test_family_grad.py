@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from elman_triton.family import GRU, LSTM
-from elman_triton.family_ops import run_cell_layer
+from elman_triton.family_ops import gru, lstm, run_cell_layer
 from elman_triton.reference import gru_reference, lstm_reference
 from utils import rel_err
 
@@ -242,3 +242,26 @@ def test_state_gradient_norms_under_torch_compile(cell, device):
     assert (eager[..., :2, :] > 0).all() and (eager[..., 2, 0] > 0).all() and (eager[..., 2, 1] == 0).all()  # padding
     assert torch.equal(compiled, eager)
 
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_functional_ops_state_gradient_norms(cell, device):
+    """lstm / gru (one direction, reverse, batch-first) take a (2, T, B) / (T, B) buffer: the stepwise
+    kernels' norms equal the reference loop's; a buffer of the wrong shape or dtype is refused by name."""
+    T, B, D, H = 3, 2, 2, 3
+    G = 4 if cell == "lstm" else 3
+    x = rand(B, T, D, device=device)
+    w = [rand(*shape, device=device) for shape in ((G * H, D), (G * H, H), (G * H,), (G * H,))]
+    op = lstm if cell == "lstm" else gru
+    shape = (2, T, B) if cell == "lstm" else (T, B)
+    buffers = {}
+    for backend in ("stepwise", "reference"):
+        buffers[backend] = torch.zeros(shape, device=device)
+        y, state = op(x, None, *w, backend=backend, reverse=True, batch_first=True, state_grad_norms=buffers[backend])
+        (y.square().sum() + sum(s.sum() for s in (state if cell == "lstm" else (state,)))).backward()
+    assert buffers["reference"].all() and rel_err(buffers["stepwise"], buffers["reference"]) <= 1e-6
+    with pytest.raises(ValueError, match=r"state_grad_norms for the .* must have shape"):
+        op(x, None, *w, backend="stepwise", batch_first=True, state_grad_norms=torch.zeros(B, T, device=device))
+    with pytest.raises(TypeError, match="state_grad_norms must be float32"):
+        op(x, None, *w, backend="stepwise", batch_first=True,
+           state_grad_norms=torch.zeros(shape, dtype=F64, device=device))
