@@ -393,7 +393,8 @@ class _CellRecurrenceBackward(torch.autograd.Function):
     def jvp(ctx, *tangents):
         primals, loop = _loop_backward(ctx)
         tangents = [torch.zeros_like(p) if t is None else t for p, t in zip(primals, tangents)]
-        return torch.func.jvp(loop, primals, tuple(tangents))[1]
+        dz, dh0, dc0 = torch.func.jvp(loop, primals, tuple(tangents))[1]
+        return dz, dh0, dc0 if ctx.options[0] == 4 else None  # GRU's dc0: not differentiable
 
     @staticmethod
     def vmap(info, in_dims, *inputs):
@@ -406,7 +407,7 @@ def _loop_backward(ctx):
     G, reverse, batch_first, _ = ctx.options
     w_hh, y = primals[6], primals[3]
     lay = _shape_layout(y, w_hh.shape[1] // G, w_hh.shape[0], batch_first, reverse)
-    return primals, lambda *p: _differentiable_backward(*p, lengths, G, lay)
+    return tuple(primals), lambda *p: _differentiable_backward(*p, lengths, G, lay)
 
 
 def _vmap_cell(apply, info, in_dims, inputs, backward=False):

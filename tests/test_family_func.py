@@ -7,7 +7,7 @@ Sizes are tiny and odd (the Triton backends run in Triton's interpreter without 
 """
 import pytest
 import torch
-from torch.func import functional_call, grad, jacrev, jvp, stack_module_state, vmap
+from torch.func import functional_call, grad, hessian, jacrev, jvp, stack_module_state, vmap
 
 from elman_triton.family import GRU, LSTM
 from elman_triton.family_ops import run_cell_layer
@@ -128,6 +128,29 @@ def test_jvp_matches_reference(cell, backend):
         outs = run(backend)(*(fwad.make_dual(p, t) for p, t in zip(primals, tangents)))
         got = [fwad.unpack_dual(o) for o in outs]
     assert_all_close([g.primal for g in got] + [g.tangent for g in got], [*expected[0], *expected[1]], "forward_ad")
+
+
+@pytest.mark.parametrize("cell, backend", [("lstm", "persistent"), ("gru", "stepwise")])  # the rules are the backends'
+def test_forward_over_reverse_matches_reference(cell, backend):
+    """Second derivatives through the kernels' backward by torch.func: jvp of grad (forward-over-reverse,
+    the backward's own jvp), a bidirectional layer with lengths, and the Hessian with respect to h0 (at
+    T = 1: vmap over the backward's jvp), against the reference's."""
+    x, h0, c0 = rand(T, B, D), rand(2, B, H), rand(2, B, H)
+    w = flat(weights(cell, dirs=2))
+    lengths = torch.randint(1, T + 1, (B,), device=DEVICE)
+
+    def loss(x, h0, backend):
+        outs = layer(cell, backend, lengths=lengths.clamp(max=x.shape[0]))(x, h0, c0, *w)
+        return outs[0].sin().sum() + sum(o.square().sum() for o in outs[1:])
+
+    tangents = (torch.randn_like(x), torch.randn_like(h0))
+
+    def second_order(backend):
+        return jvp(lambda a, b: grad(loss, argnums=(0, 1))(a, b, backend), (x, h0), tangents)[1]
+
+    assert_all_close(second_order(backend), second_order("reference"), "jvp(grad)")
+    assert_all_close(hessian(loss, argnums=1)(x[:1], h0, backend), hessian(loss, argnums=1)(x[:1], h0, "reference"),
+                     "hessian at T = 1")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
