@@ -21,7 +21,8 @@ The GEMM part is the Elman one; the elementwise recursions (f ⊙, z ⊙) are a 
 (their per-step factors cannot be divided out of dz stably), still no second backward.
 
 This module sits below the ops (elman_triton.ops calls state_gradient_norms from its backward and
-check_norms_buffer on elman_rnn's state_grad_norms argument) and imports nothing of the package. The
+check_norms_buffer on elman_rnn's state_grad_norms argument; elman_triton.family_ops calls
+cell_state_gradient_norms from the LSTM's and GRU's) and imports nothing of the package. The
 recording context for whole modules, record_state_gradients, is a research tool above the modules
 (elman_triton.diagnostics).
 """
