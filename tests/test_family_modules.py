@@ -1,6 +1,7 @@
 """LSTM, GRU, LSTMCell and GRUCell as modules, beyond their values (tests/test_family.py): nn's errors
 through the forward they share with ElmanRNN (modules.RecurrentBase), determinism, autocast, eval-mode
-backward and CUDA-graph capture. DDP: tests/test_ddp.py."""
+backward and CUDA-graph capture. DDP: tests/test_ddp.py. Tiny odd shapes: H, B not powers of 2; B = 17
+spans two of the persistent kernel's 16-row batch tiles."""
 import re
 
 import pytest
@@ -9,6 +10,9 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from elman_triton.family import GRU, LSTM, GRUCell, LSTMCell
+from test_family import assert_same, flat, twins
+from test_module import assert_raises_like
+from utils import TOLERANCE, rel_err
 
 F64 = torch.float64
 T, B, D, H = 3, 3, 4, 5
@@ -17,23 +21,6 @@ OURS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell}
 
 def rand(*shape, dtype=F64):
     return torch.randn(*shape, dtype=dtype)
-
-
-def raised(fn):
-    try:
-        fn()
-    except Exception as error:  # noqa: BLE001 - any exception torch raises is the expectation
-        return error
-    return None
-
-
-def assert_raises_like(ours_fn, torch_fn, match):
-    """ours_fn raises what torch_fn raises: the same type, and the same message where match is None,
-    else a message matching `match` (where torch's comes from its kernel)."""
-    expected = raised(torch_fn)
-    assert expected is not None, "torch accepted this input; the case is wrong"
-    with pytest.raises(type(expected), match=re.escape(str(expected)) + r"\Z" if match is None else match):
-        ours_fn()
 
 
 def hx(lstm, h_shape, c_shape=None, dtype=F64):
@@ -121,3 +108,124 @@ def test_cell_errors_match_torch(nn_cls, case):
     ref, ours = nn_cls(D, H, dtype=F64), OURS[nn_cls](D, H, dtype=F64, backend="stepwise")
     inputs = make_inputs(nn_cls is nn.LSTMCell)
     assert_raises_like(lambda: ours(*inputs), lambda: ref(*inputs), match)
+
+
+# --- Determinism, autocast, eval-mode backward, CUDA graphs --------------------------------------------
+
+
+def states(lstm, shape, device, dtype=F64):
+    """A fresh hx of `shape` that requires grad: h0, or the LSTM's (h0, c0)."""
+    def one():
+        return torch.randn(*shape, dtype=dtype, device=device, requires_grad=True)
+    return (one(), one()) if lstm else one()
+
+
+def run_and_grads(module, inputs, cotangents=None):
+    """The outputs and the gradients of the inputs and every parameter under a fixed random cotangent per
+    output (drawn on the first call; pass them back in to reuse them)."""
+    outs = flat(module(*inputs))
+    cotangents = cotangents or [torch.randn_like(t) for t in outs]
+    loss = sum((w * t.float()).sum() for w, t in zip(cotangents, outs))
+    leaves = [t for t in flat(inputs) if t.requires_grad] + list(module.parameters())
+    return outs, list(torch.autograd.grad(loss, leaves)), cotangents
+
+
+@pytest.mark.parametrize("backend", ["stepwise", "persistent"])
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_forward_and_backward_are_deterministic(cls, backend, device):
+    """Two runs give bitwise-equal outputs, final states and gradients (fp32, both directions, B across
+    batch tiles, packed input: lengths in the kernels)."""
+    T, B = 3, 17
+    module = cls(D, H, bidirectional=True, device=device, backend=backend)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    x = torch.randn(T, B, D, device=device, requires_grad=True)
+    inputs = (pack_padded_sequence(x, lengths, enforce_sorted=False), states(cls is LSTM, (2, B, H), device,
+                                                                                  torch.float32))
+    first, first_grads, cotangents = run_and_grads(module, inputs)
+    second, second_grads, _ = run_and_grads(module, inputs, cotangents)
+    assert len(first_grads) == 2 + (cls is LSTM) + len(list(module.parameters()))
+    for i, (a, b) in enumerate(zip(first + first_grads, second + second_grads)):
+        assert a.dtype == torch.float32 and torch.equal(a, b), i
+
+
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell], ids=["LSTM", "GRU", "LSTMCell", "GRUCell"])
+def test_autocast_bf16(nn_cls, device):
+    """Under autocast (bf16) the op runs in autocast's dtype, as nn's modules do: bf16 outputs and states,
+    close to nn's fp32 module outside autocast; the gradients reach the fp32 inputs and parameters in fp32,
+    close to nn's."""
+    cell = nn_cls in (nn.LSTMCell, nn.GRUCell)
+    ref = nn_cls(D, H, device=device, **({} if cell else dict(bidirectional=True)))
+    ours = OURS[nn_cls](D, H, device=device, backend="stepwise", **({} if cell else dict(bidirectional=True)))
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(*((B, D) if cell else (T, B, D)), device=device, requires_grad=True)
+    inputs = (x, states(nn_cls in (nn.LSTM, nn.LSTMCell), (B, H) if cell else (2, B, H), device, torch.float32))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        outs, grads, cotangents = run_and_grads(ours, inputs)
+    want, want_grads, _ = run_and_grads(ref, inputs, cotangents)
+    assert [t.dtype for t in outs] == [torch.bfloat16] * len(want)
+    assert [g.dtype for g in grads] == [torch.float32] * len(want_grads)
+    for i, (a, b) in enumerate(zip(outs + grads, want + want_grads)):
+        assert rel_err(a, b) <= TOLERANCE[torch.bfloat16], i
+
+
+@pytest.mark.parametrize("backend", ["stepwise", "persistent"])
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_backward_in_eval_mode(nn_cls, backend, device):
+    """model.eval() changes nothing but dropout: backward runs and matches nn's (float64, every gradient;
+    cuDNN refuses backward in eval mode), padded and packed input."""
+    ref, ours = twins(nn_cls, backend, device, input_size=D, hidden_size=H, num_layers=2, dropout=0.5)
+    ref.eval()
+    ours.eval()
+    lstm = nn_cls is nn.LSTM
+
+    def padded():
+        return rand(T, B, D).to(device).detach().requires_grad_(), states(lstm, (2, B, H), device)
+
+    def packed_input():
+        x = rand(T, B, D).to(device).detach().requires_grad_()
+        return (pack_padded_sequence(x, [2, T, 1], enforce_sorted=False),)
+    assert_same(ref, ours, padded)
+    assert_same(ref, ours, packed_input)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["stepwise", "persistent"])
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_cuda_graph_capture_of_forward_and_backward(cls, backend):
+    """A training step (forward, loss, backward into .grad) captured in a CUDA graph and replayed on new
+    input gives the eager step's outputs and gradients, bitwise."""
+    torch.manual_seed(0)
+    module = cls(D, H, num_layers=2, bidirectional=True, device="cuda", backend=backend)
+    static_x = torch.randn(T, B, D, device="cuda", requires_grad=True)
+    cotangent = torch.randn(T, B, 2 * H, device="cuda")
+
+    def step():
+        y = module(static_x)[0]
+        (y * cotangent).sum().backward()
+        return y
+
+    side = torch.cuda.Stream()  # warm up (compile the kernels, allocate) off the capture
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            module.zero_grad(set_to_none=True)
+            static_x.grad = None
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    module.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = step()
+    for _ in range(2):  # replay on new input; .grad is overwritten, not accumulated, by each replay
+        static_x.detach().copy_(torch.randn(T, B, D, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        got = [static_y.clone(), static_x.grad.clone()] + [p.grad.clone() for p in module.parameters()]
+        x = static_x.detach().clone().requires_grad_()
+        y = module(x)[0]
+        want = [y] + list(torch.autograd.grad((y * cotangent).sum(), [x, *module.parameters()]))
+        assert len(got) == len(want)
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(a, b), i
