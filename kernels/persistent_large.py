@@ -253,20 +253,24 @@ def rnn_persistent_large_fwd_kernel(
             # Pointers as a scalar base plus one tensor offset: (base + scalars) + o_gown, not base + (scalars +
             # o_gown), which costs a 64-bit add per element (≈ 25 more SASS instructions per step).
             p_x = p_xp + o_x + b0 * stride_x_b + o_gown  # [BB, BN] gate 0's Xp
-            a0 = sum_chunks(matmul(b_h, w0, PRECISION, UPCAST), K_SPLIT) + \
-                tl.load(p_x, mask=m_bp, other=0.0).to(acc_ty) + bias0[None, :]
-            a1, a2, a3, x_n = a0, a0, a0, a0
+            # Xp is loaded before the products (its latency behind theirs)
+            x0 = tl.load(p_x, mask=m_bp, other=0.0).to(acc_ty)
+            x1, x_n, x3 = x0, x0, x0
             if G > 1:
-                a1 = sum_chunks(matmul(b_h, w1, PRECISION, UPCAST), K_SPLIT) + \
-                    tl.load(p_x + Hp, mask=m_bp, other=0.0).to(acc_ty) + bias1[None, :]
+                x1 = tl.load(p_x + Hp, mask=m_bp, other=0.0).to(acc_ty)
                 x_n = tl.load(p_x + 2 * Hp, mask=m_bp, other=0.0).to(acc_ty)
+            if G > 3:
+                x3 = tl.load(p_x + 3 * Hp, mask=m_bp, other=0.0).to(acc_ty)
+            a0 = sum_chunks(matmul(b_h, w0, PRECISION, UPCAST), K_SPLIT) + x0 + bias0[None, :]
+            a1, a2, a3 = a0, a0, a0
+            if G > 1:
+                a1 = sum_chunks(matmul(b_h, w1, PRECISION, UPCAST), K_SPLIT) + x1 + bias1[None, :]
                 a2 = sum_chunks(matmul(b_h, w2, PRECISION, UPCAST), K_SPLIT) + bias2[None, :]
             if G == 3:
                 x_n += bias3[None, :]
             if G == 4:
                 a2 += x_n
-                a3 = sum_chunks(matmul(b_h, w3, PRECISION, UPCAST), K_SPLIT) + \
-                    tl.load(p_x + 3 * Hp, mask=m_bp, other=0.0).to(acc_ty) + bias3[None, :]
+                a3 = sum_chunks(matmul(b_h, w3, PRECISION, UPCAST), K_SPLIT) + x3 + bias3[None, :]
             h_new, b_aux, g0, g1, g2, g3 = cell_forward(a0, a1, a2, a3, x_n, b_h_own, b_c_own, CELL, ACT, FAST_TANH)
             active = (t < len_b)[:, None]  # [BB, 1]; padding steps store zeros
             # Padding columns get h = 0 from zero weights, Xp, bias and state; gates and aux are zeroed.
