@@ -86,8 +86,6 @@ def _cell_layer(kind, module, x, states, weights, batch, batch_first, state_grad
     """RecurrentBase._layer (see there) for GRU and LSTM, and the cells' step: run_cell_layer on one layer's
     per-direction weights (w_ih, w_hh[, b_ih, b_hh][, w_hr]); returns the output and the final states,
     (h_n,) or (h_n, c_n), each (directions, B, ·)."""
-    if state_grad_norms is not None:
-        raise NotImplementedError(f"state-gradient recording is not implemented for the {kind.upper()} yet")
     w = list(zip(*weights))
     biases = (w[2], w[3]) if module.bias else (None, None)
     n = 4 if module.bias else 2  # nn.LSTM's W_hr (proj_size > 0) follows the biases
@@ -95,7 +93,7 @@ def _cell_layer(kind, module, x, states, weights, batch, batch_first, state_grad
     y, (h_n, c_n) = run_cell_layer(kind, x, h0, c0, w[0], w[1], *biases,
                                    w[n] if len(w) > n else None, backend=module.backend,
                                    lengths=None if batch is None else batch.lengths, batch_first=batch_first,
-                                   lengths_are_valid=True)
+                                   state_grad_norms=state_grad_norms, lengths_are_valid=True)
     return y, (h_n,) if c_n is None else (h_n, c_n)
 
 

@@ -1,16 +1,19 @@
 """LSTM, GRU, LSTMCell and GRUCell as modules, beyond their values (tests/test_family.py): nn's errors
 through the forward they share with ElmanRNN (modules.RecurrentBase), determinism, autocast, eval-mode
-backward and CUDA-graph capture. DDP: tests/test_ddp.py. Tiny odd shapes: H, B not powers of 2; B = 17
+backward, the state-gradient hook (record_state_gradients through the modules) and CUDA-graph capture.
+DDP: tests/test_ddp.py. Tiny odd shapes: H, B not powers of 2; B = 17
 spans two of the persistent kernel's 16-row batch tiles."""
 import re
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from elman_triton.diagnostics import record_state_gradients
 from elman_triton.family import GRU, LSTM, GRUCell, LSTMCell
 from test_family import assert_same, flat, twins
+from test_family_grad import loop_state_gradients
 from test_module import assert_raises_like
 from utils import TOLERANCE, rel_err
 
@@ -149,7 +152,8 @@ def test_forward_and_backward_are_deterministic(cls, backend, device):
         assert a.dtype == torch.float32 and torch.equal(a, b), i
 
 
-@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell], ids=["LSTM", "GRU", "LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell],
+                         ids=["LSTM", "GRU", "LSTMCell", "GRUCell"])
 def test_autocast_bf16(nn_cls, device):
     """Under autocast (bf16) the op runs in autocast's dtype, as nn's modules do: bf16 outputs and states,
     close to nn's fp32 module outside autocast; the gradients reach the fp32 inputs and parameters in fp32,
@@ -187,6 +191,68 @@ def test_backward_in_eval_mode(nn_cls, backend, device):
         return (pack_padded_sequence(x, [2, T, 1], enforce_sorted=False),)
     assert_same(ref, ours, padded)
     assert_same(ref, ours, packed_input)
+
+
+@pytest.mark.parametrize("backend", ["stepwise", "persistent"])
+@pytest.mark.parametrize("cls", [LSTM, GRU])
+def test_module_records_state_gradients(cls, backend, device):
+    """record_state_gradients on a two-layer bidirectional module, unsorted packed input with hx: each
+    layer's buffer reaches its layer's op, rows come back in the caller's order, and the norms (h, and the
+    LSTM's c) equal a float64 loop of single steps with retain_grad on every state (test_family_grad)."""
+    lstm = cls is LSTM
+    module = cls(2, H, num_layers=2, bidirectional=True, dtype=F64, device=device, backend=backend)
+    lengths = torch.tensor([3, 1, 4])
+    x = torch.randn(4, 3, 2, dtype=F64)
+    h0, c0 = torch.randn(4, 3, H, dtype=F64), torch.randn(4, 3, H, dtype=F64)
+    cotangents = [torch.randn(3, H, dtype=F64) for _ in range(4 * (1 + lstm))]
+    cotangents.append(torch.randn(4, 3, 2 * H, dtype=F64))  # y's
+    cpu = [[t.detach().cpu().requires_grad_() for t in w] for w in module.all_weights]  # per layer and direction
+    layers = [(*[tuple(cpu[2 * k + d][j] for d in range(2)) for j in range(4)], h0[2 * k:2 * k + 2],
+               c0[2 * k:2 * k + 2]) for k in range(2)]
+    want = loop_state_gradients(cls.__name__.lower(), x, lengths, layers, cotangents)  # per layer (kinds, 2, T, B)
+
+    with record_state_gradients(module, per_sample=True) as rec:
+        packed_x = pack_padded_sequence(x.to(device), lengths, enforce_sorted=False)
+        out, h_n = module(packed_x, (h0.to(device), c0.to(device)) if lstm else h0.to(device))
+        finals = torch.stack(h_n, 1).flatten(0, 1) if lstm else h_n  # (h, c) per layer and direction, as the loop
+        y = pad_packed_sequence(out)[0]
+        (sum((f * w.to(device)).sum() for f, w in zip(finals, cotangents)) + (y * cotangents[-1].to(device)).sum()
+         ).backward()
+    kinds = [("per_sample", "norms")] + [("cell_per_sample", "cell_norms")] * lstm
+    for kind, (per_row, total) in enumerate(kinds):
+        expected = torch.cat([w[kind] for w in want])  # (layers · directions, T, B)
+        assert rel_err(getattr(rec, per_row), expected) <= 1e-6, per_row
+        assert rel_err(getattr(rec, total), expected.norm(dim=2)) <= 1e-6, total
+
+
+@pytest.mark.parametrize("nn_cls", [nn.LSTMCell, nn.GRUCell], ids=["LSTMCell", "GRUCell"])
+def test_cell_records_state_gradients(nn_cls, device):
+    """record_state_gradients on a cell called twice: per call ‖∂L/∂h'‖ (and ‖∂L/∂c'‖), the total
+    derivative through the later call, against nn's cell with retain_grad on each state."""
+    lstm = nn_cls is nn.LSTMCell
+    ref, ours = twins(nn_cls, "stepwise", device, input_size=D, hidden_size=H)
+    xs = [torch.randn(B, D, dtype=F64, device=device) for _ in range(2)]
+    hx = states(lstm, (B, H), device)
+    cotangent = torch.randn(B, H, dtype=F64, device=device)
+    per_call = []
+    for module in (ref, ours):
+        state, kept = hx, []
+        for x in xs:
+            state = module(x, state)
+            kept.append(state)
+            for s in state if lstm else (state,):
+                s.retain_grad()
+        ((state[0] if lstm else state) * cotangent).sum().backward()
+        per_call.append(kept)
+    with record_state_gradients(ours, per_sample=True) as rec:
+        state = hx
+        for x in xs:
+            state = ours(x, state)
+        ((state[0] if lstm else state) * cotangent).sum().backward()
+    kinds = ["per_sample", "cell_per_sample"][:1 + lstm]
+    for kind, name in enumerate(kinds):
+        want = torch.stack([(s[kind] if lstm else s).grad.norm(dim=1) for s in per_call[0]])[None]  # (1, 2, B)
+        assert rel_err(getattr(rec, name), want) <= 1e-6, name
 
 
 @pytest.mark.gpu
