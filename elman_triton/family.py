@@ -1,10 +1,14 @@
 """LSTM, GRU, LSTMCell and GRUCell: drop-in replacements for torch.nn's, on the ops of family_ops.
 
-LSTM and GRU derive from torch.nn.RNNBase (modes "LSTM" and "GRU"), as ElmanRNN does, and not from
-nn.LSTM / nn.GRU, whose instances torch.compile's Dynamo refuses to trace: construction checks
-(proj_size included), parameter names, shapes, default init, state dicts and input checks are torch's
-own code; `isinstance(m, nn.LSTM)` is False, `isinstance(m, nn.RNNBase)` is True. nn.LSTM's (h, c)
-argument checks are borrowed from nn.LSTM itself. The cells derive from nn.LSTMCell / nn.GRUCell.
+LSTM and GRU derive from torch.nn.RNNBase (modes "LSTM" and "GRU") through modules.RecurrentBase, whose
+forward they share with ElmanRNN (nn's argument handling and messages, each class giving its layer op and,
+for the LSTM, the (h, c) pair), and not from nn.LSTM / nn.GRU, whose instances torch.compile's Dynamo
+refuses to trace: construction checks (proj_size included), parameter names, shapes, default init, state
+dicts and input checks are torch's own code; `isinstance(m, nn.LSTM)` is False, `isinstance(m,
+nn.RNNBase)` is True. nn.LSTM's (h, c) argument checks are borrowed from nn.LSTM itself. The cells derive
+from nn.LSTMCell / nn.GRUCell and share one forward. All four take the state-gradient hook of
+elman_triton.modules (record_state_gradients): its buffers go to run_cell_layer's state_grad_norms, (2,
+directions, T, B) for the LSTM (h and c).
 
 Every layer is one call of the layer op (both directions in each launch), picked by `backend` ("auto",
 "stepwise", "persistent", "reference"; "persistent" is the small-H kernel, within
