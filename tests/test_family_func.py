@@ -79,9 +79,9 @@ def sample_loss(model, params, x, target):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_per_sample_gradients_match_loop(cell, backend):
-    """vmap(grad(loss)) over the samples of a batch through a two-layer bidirectional module, against one
-    backward per sample: every parameter's gradient and the input's."""
-    model = MODULES[cell](D, H, num_layers=2, bidirectional=True, dtype=F64, device=DEVICE, backend=backend)
+    """vmap(grad(loss)) over the samples of a batch through a bidirectional module, against one backward
+    per sample: every parameter's gradient and the input's."""
+    model = MODULES[cell](D, H, bidirectional=True, dtype=F64, device=DEVICE, backend=backend)
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, target = rand(N, T, D), rand(N, T, 2 * H)
     got = vmap(grad(lambda p, x, t: sample_loss(model, p, x, t), argnums=(0, 1)), in_dims=(None, 0, 0))(params, x, target)

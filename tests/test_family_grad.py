@@ -186,62 +186,54 @@ def test_state_gradient_norms_match_loop(cell, backend, device):
         assert (got[..., 1:, 1] == 0).all()  # row 1 has one step: the rest is padding
 
 
-@pytest.mark.parametrize("cls", [LSTM, GRU], ids=["LSTM", "GRU"])
-def test_recorder_buffers_and_views(cls, device):
-    """record_state_gradients' side of the hook protocol for the LSTM and GRU, driven as the modules drive
-    it (one buffer per layer from the hook, each handed to run_cell_layer, the rows of a packed batch
-    sorted): the buffers' shapes ((2, dirs, T, B) for the LSTM), .norms / .per_sample for h and the
-    LSTM's .cell_norms / .cell_per_sample for c, in nn's h_n order and the caller's row order."""
+def test_recorder_buffers_and_views(device):
+    """record_state_gradients' side of the hook protocol for the LSTM, driven as the modules drive it (one
+    buffer per layer from the hook, each handed to run_cell_layer, the rows of a packed batch sorted):
+    the buffers' shapes (2, dirs, T, B), .norms / .per_sample for h and .cell_norms / .cell_per_sample
+    for c, in nn's h_n order and the caller's row order."""
     from elman_triton.diagnostics import record_state_gradients
 
-    cell = "lstm" if cls is LSTM else "gru"
+    cell = "lstm"
     T, B, D = 3, 3, 2
-    module = cls(D, 4, num_layers=2, bidirectional=True, dtype=F64, device=device, backend="stepwise")
+    module = LSTM(D, 4, num_layers=2, bidirectional=True, dtype=F64, device=device, backend="stepwise")
     unsorted = torch.tensor([2, 0, 1], device=device)
     lengths = torch.tensor([3, 2, 1], device=device)  # sorted rows
     with record_state_gradients(module, per_sample=True) as rec:
         buffers = module.state_grad_norms_hook(T, B, device, unsorted)
-        assert [tuple(b.shape) for b in buffers] == [((2,) if cell == "lstm" else ()) + (2, T, B)] * 2
+        assert [tuple(b.shape) for b in buffers] == [(2, 2, T, B)] * 2
         x = torch.randn(T, B, D, dtype=F64, device=device, requires_grad=True)
         for k, buf in enumerate(buffers):
             w = [tuple(module.all_weights[2 * k + d][j] for d in range(2)) for j in range(4)]
             x, _ = run_cell_layer(cell, x, None, None, *w, backend="stepwise", lengths=lengths, state_grad_norms=buf)
         x.square().sum().backward()
-        kinds = [("norms", "per_sample")] + ([("cell_norms", "cell_per_sample")] if cell == "lstm" else [])
-        for kind, (total, per_row) in enumerate(kinds):
-            want = torch.cat([b[kind] if cell == "lstm" else b for b in buffers])[:, :, unsorted]  # (4, T, B)
+        for kind, (total, per_row) in enumerate([("norms", "per_sample"), ("cell_norms", "cell_per_sample")]):
+            want = torch.cat([b[kind] for b in buffers])[:, :, unsorted]  # (4, T, B)
             assert torch.equal(getattr(rec, per_row), want)
             assert rel_err(getattr(rec, total), want.double().norm(dim=2)) <= 1e-6
-        if cell == "gru":
-            with pytest.raises(AttributeError, match="LSTM"):
-                rec.cell_norms
 
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_state_gradient_norms_under_torch_compile(cell, device):
-    """fullgraph torch.compile of a bidirectional batch-first layer with lengths and a norms buffer made
-    outside: the norm writer is a custom op in the compiled backward; the same norms as eager."""
+def test_state_gradient_norms_under_torch_compile(device):
+    """fullgraph torch.compile of a bidirectional batch-first LSTM layer with lengths and a (2, dirs, T, B)
+    norms buffer made outside: the norm writer is a custom op in the compiled backward (each direction's
+    h and c rows written through views); the same norms as eager."""
     T, B, D, H = 3, 2, 2, 5
-    G = 4 if cell == "lstm" else 3
     x = rand(B, T, D, device=device)
-    w = [tuple(rand(*shape, device=device) for _ in range(2)) for shape in ((G * H, D), (G * H, H), (G * H,), (G * H,))]
+    w = [tuple(rand(*shape, device=device) for _ in range(2)) for shape in ((4 * H, D), (4 * H, H), (4 * H,), (4 * H,))]
     lengths = torch.tensor([3, 2], device=device)
 
     def loss(x, buf):
-        y, (h_n, _) = run_cell_layer(cell, x, None, None, *w, backend="stepwise", lengths=lengths, batch_first=True,
+        y, (h_n, _) = run_cell_layer("lstm", x, None, None, *w, backend="stepwise", lengths=lengths, batch_first=True,
                                      state_grad_norms=buf, lengths_are_valid=True)
         return y.square().sum() + h_n.sum()
 
-    shape = (2, 2, T, B) if cell == "lstm" else (2, T, B)
-    eager, compiled = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+    eager, compiled = torch.zeros(2, 2, T, B, device=device), torch.zeros(2, 2, T, B, device=device)
     loss(x, eager).backward()
     torch.compiler.reset()
     torch.compile(loss, fullgraph=True, backend="aot_eager")(x, compiled).backward()
     torch.compiler.reset()
     assert (eager[..., :2, :] > 0).all() and (eager[..., 2, 0] > 0).all() and (eager[..., 2, 1] == 0).all()  # padding
     assert torch.equal(compiled, eager)
-
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
@@ -296,6 +288,9 @@ def test_record_state_gradients_of_modules(cls, backend, device):
             g = torch.Generator().manual_seed(1)
             sum((o * cotangent(o, g)).sum() for o in outs).backward()
             results.append([rec.per_sample] + ([rec.cell_per_sample] if cls in (LSTM, LSTMCell) else []))
+            if cls in (GRU, GRUCell):
+                with pytest.raises(AttributeError, match="LSTM"):
+                    rec.cell_norms
     for got, want in zip(*results):
         assert got.shape == want.shape and rel_err(got, want) <= 1e-6
         assert want.abs().sum() > 0
