@@ -294,3 +294,34 @@ def test_record_state_gradients_of_modules(cls, backend, device):
     for got, want in zip(*results):
         assert got.shape == want.shape and rel_err(got, want) <= 1e-6
         assert want.abs().sum() > 0
+
+
+def test_state_gradient_norms_with_proj_size(device):
+    """proj_size (the reference loop on every backend): [0] is ‖∂L/∂h_t‖ of the projected state h_t,
+    [1] ‖∂L/∂c_t‖; against a retain_grad loop of the reference's single steps, with lengths."""
+    T, B, D, H, P = 3, 2, 2, 4, 3
+    lengths = torch.tensor([3, 1])
+    w = [rand(*shape, device="cpu") for shape in ((4 * H, D), (4 * H, P), (4 * H,), (4 * H,), (P, H))]
+    x, h0, c0 = rand(T, B, D, device="cpu"), rand(B, P, device="cpu"), rand(B, H, device="cpu")
+    g = torch.Generator().manual_seed(4)
+    dy = cotangent(torch.empty(T, B, P), g)
+    active = (torch.arange(T).unsqueeze(1) < lengths).unsqueeze(2)
+    h, c, kept, ys = h0, c0, [], []
+    for t in range(T):
+        _, h_new, c_new = lstm_reference(x[t:t + 1], h, c, *w)
+        for s in (h_new, c_new):
+            s.retain_grad()
+        kept.append((h_new, c_new))
+        h, c = torch.where(active[t], h_new, h), torch.where(active[t], c_new, c)
+        ys.append(torch.where(active[t], h, 0.0))
+    (torch.stack(ys) * dy).sum().backward()
+    expected = torch.stack([torch.stack([s[k].grad.norm(dim=1) for s in kept]) for k in range(2)]) * active[..., 0]
+
+    norms = torch.zeros(2, 1, T, B, device=device)
+    def leaf(t):
+        return t.detach().to(device).requires_grad_()
+    y, _ = run_cell_layer("lstm", leaf(x), leaf(h0[None]), leaf(c0[None]), *[(leaf(t),) for t in w],
+                          backend="stepwise", lengths=lengths.to(device), state_grad_norms=norms)
+    assert not norms.any()  # nothing before the backward
+    (y * dy.to(device)).sum().backward()
+    assert rel_err(norms[:, 0], expected) <= 1e-6
