@@ -255,6 +255,29 @@ def test_cell_records_state_gradients(nn_cls, device):
         assert rel_err(getattr(rec, name), want) <= 1e-6, name
 
 
+@pytest.mark.parametrize("cls", [LSTM, LSTMCell], ids=["LSTM", "LSTMCell"])
+def test_compiled_module_records_eagerly(cls, device):
+    """A torch.compile'd LSTM / LSTMCell inside the context runs its recorded calls eagerly (a graph break,
+    see elman_triton.modules): the eager norms of h and c. aot_eager: Dynamo and AOTAutograd without
+    inductor's minutes of code generation on CPU."""
+    torch.compiler.reset()
+    module = cls(D, H, backend="stepwise", device=device)
+    x = torch.randn(*((B, D) if cls is LSTMCell else (T, B, D)), device=device)
+
+    def loss(out):  # the cell's h', or the module's y
+        return out[0].square().sum()
+    with record_state_gradients(module) as rec:
+        loss(module(x)).backward()
+    eager = [rec.norms.clone(), rec.cell_norms.clone()]
+    compiled = torch.compile(module, backend="aot_eager")
+    compiled(x)  # compiled outside the context first
+    with record_state_gradients(module) as rec:
+        loss(compiled(x)).backward()
+    torch.compiler.reset()
+    for got, want in zip([rec.norms, rec.cell_norms], eager):
+        assert (want > 0).all() and torch.equal(got, want)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["stepwise", "persistent"])
 @pytest.mark.parametrize("cls", [LSTM, GRU])
