@@ -15,7 +15,10 @@ Two kernel shapes, picked by H:
     or phase (backward), because there programs run one after another and a barrier would never open.
 
 The gated cells (GRU, LSTM: cell_forward_recurrence / cell_backward_recurrence, stepwise's contract)
-run on the small-H kernel only, within CELL_SMALL_H_MAX; larger H raises ValueError ("auto" uses stepwise).
+run on the same two kernel shapes with the cell as their CELL constexpr: the small-H kernel within
+CELL_SMALL_H_MAX, the large-H kernel (a program owns BN units across all G gates, G [BH, BN] blocks of
+W_hh on-chip) within CELL_LARGE_H_MAX, with the grid co-resident on the device (cell_supports); larger H
+raises ValueError ("auto" uses stepwise).
 
 Host cost per call: everything but the tensors (the compiled kernel, its grid, the barrier buffer, the
 remaining arguments) is a launch plan built on a call's first use of its shape (_PLANS), so a call
@@ -40,11 +43,12 @@ import types
 import torch
 import triton
 
-from elman_triton.config import (INTERPRETED, accumulator_dtype, bound_launch, cdiv, compile_kernel, constexpr_args,
-                                 next_power_of_2, on_device, with_fp_fusion)
+from elman_triton.config import (INTERPRETED, Layout, accumulator_dtype, bound_launch, cdiv, compile_kernel,
+                                 constexpr_args, kernel_options, next_power_of_2, on_device, padded, with_fp_fusion)
 from elman_triton.kernels.barrier import WORD_STRIDE, barrier_loop_kernel
 from elman_triton.kernels.persistent_large import (elman_persistent_large_bwd_kernel,
-                                                   elman_persistent_large_fwd_kernel)
+                                                   elman_persistent_large_fwd_kernel, rnn_persistent_large_bwd_kernel,
+                                                   rnn_persistent_large_fwd_kernel)
 from elman_triton.kernels.persistent_small import (elman_persistent_small_bwd_kernel,
                                                    elman_persistent_small_fwd_kernel, rnn_persistent_small_bwd_kernel,
                                                    rnn_persistent_small_fwd_kernel)
@@ -63,6 +67,22 @@ SMALL_H_256_SHARED_BYTES = 180 * 1024
 CELL_SMALL_H_MAX = {G: {torch.float16: 128, torch.bfloat16: 128, torch.float32: 32,
                         torch.float64: 32 if G == 3 else 16} for G in (3, 4)}
 CELL_NAMES = {3: "GRU", 4: "LSTM"}
+# The gated cells on the large-H kernel: largest BH per dtype whose sm_90a compile (forward and backward,
+# both alignments, Triton 3.6 and 3.9, tests/test_compile_sm90.py) has no spill traffic in the time loop,
+# with _cell_large_meta's tiles and warps (benchmarks/NOTES.md, "LSTM and GRU on the persistent large-H
+# kernel").
+# Beyond them: at BH = 2048 (16-bit) both cells' backward spills in its loop; at fp32 BH = 256 both cells'
+# backward does on Triton 3.9 (255 registers; the ieee fp32 dot runs on FMAs); at fp64 the LSTM backward
+# spills in its loop at 128 with 4 warps (its forward with 8), the GRU forward at 256 with 8.
+CELL_LARGE_H_MAX = {G: {torch.float16: 1024, torch.bfloat16: 1024, torch.float32: 128,
+                        torch.float64: 128 if G == 3 else 64} for G in (3, 4)}
+# Hidden units per program of the cells' large-H kernels: 8, not Elman's 16 (N = 8 is the mma's own), so a
+# program's G weight blocks are 4·BH·8 elements for the LSTM. Batch rows per tile: CELL_BB forward,
+# CELL_BB_BACKWARD backward (tl.dot pads M to the mma's 16): with 16 the LSTM backward's G·[BB, BH] gate
+# gradient spills in its loop at BH = 512 and 1024 (16-bit, 8 or 16 warps), and the fp64 GRU forward at 256.
+CELL_BN = 8
+CELL_BB = {torch.float16: 16, torch.bfloat16: 16, torch.float32: 16, torch.float64: 8}
+CELL_BB_BACKWARD = 8
 LARGE_SLICE_BYTES = 64 * 1024
 BB = 16  # batch rows per tile; tl.dot needs ≥ 16
 BN = 16  # hidden units per program in the large-H kernel (large_config overrides it)
@@ -123,6 +143,14 @@ def _num_warps_large(BH, dtype):
     if dtype == torch.float32:
         return 8 if BH <= 512 else 16
     return 4 if BH <= 512 else 8 if BH <= 1024 else 16
+
+
+def _num_warps_cell(BH):
+    """Warps of the cells' large-H kernels (ptxas's register report for sm_90a, forward and backward, no
+    spill in the loop): 4 up to BH = 256, else 8 (fp32 and fp64 stop at 128). At 16-bit BH = 1024 the LSTM
+    backward uses all 255 registers of a thread on Triton 3.6 (one program per SM), and 16 warps (128
+    registers at most) spill there; 8 warps spill in the fp32 LSTM backward at 256."""
+    return 4 if BH <= 256 else 8
 
 
 def _k_split(BH, num_warps):
@@ -232,27 +260,57 @@ def backward_recurrence(dy, dh_n, y, weight_hh, dz, lengths, opts, layout):
     return dh
 
 
-def cell_supports(G, H, dtype):
-    """Whether the persistent small-H kernel holds a G-gate cell (GRU, LSTM) of this H in dtype; the
-    family has no large-H persistent kernel."""
+def _cell_is_small(G, H, dtype):
     return _bh(H) <= CELL_SMALL_H_MAX[G].get(dtype, 0)
 
 
-def cell_check_supported(G, H, dtype):
-    if not cell_supports(G, H, dtype):
-        limit = CELL_SMALL_H_MAX[G].get(dtype)
-        held = f"H ≤ {limit}" if limit else "no H"
-        raise ValueError(f"backend='persistent' does not hold the {CELL_NAMES[G]} at H={H} in {dtype}: its small-H "
-                         f"kernel holds {held} in {dtype} (G·[BH, BH] of W_hh on-chip), and the persistent-large "
-                         "kernel takes only the Elman cell; use backend='stepwise' or 'auto'")
+def cell_supports(G, H, dtype, device=None):
+    """Whether backend='persistent' holds a G-gate cell (GRU, LSTM) of this H in dtype: the small-H kernel
+    within CELL_SMALL_H_MAX, else the large-H kernel within CELL_LARGE_H_MAX whose column programs (one
+    direction's) the CUDA device holds at once, by the registers and shared memory of its kernels compiled
+    for it (device None: the current CUDA device; not checked under the interpreter or without CUDA).
+    Computed once per (G, H, dtype, device)."""
+    if _cell_is_small(G, H, dtype):
+        return True
+    if _bh(H) > CELL_LARGE_H_MAX[G].get(dtype, 0):
+        return False
+    if INTERPRETED or not torch.cuda.is_available():
+        return True
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    return device.type != "cuda" or _cell_large_fits(G, H, dtype, device, _large)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cell_large_fits(G, H, dtype, device, config):
+    """Whether device holds the n_col programs of the cells' large-H kernels, forward and backward, with and
+    without lengths (stand-in compiles, as _large_fits; B = 16: the batch does not change the grid's column
+    count, and compiles of other B differ by a few registers)."""
+    layout = Layout(1, 16, H, 1, 16 * padded(H), padded(H), False, False)
+    opts = kernel_options(dtype, "tanh")
+    return all(_stand_in_plan(kernel, layout, dtype, device, opts, config, with_lengths, G).fits
+               for kernel in (rnn_persistent_large_fwd_kernel, rnn_persistent_large_bwd_kernel)
+               for with_lengths in (False, True))
+
+
+def cell_check_supported(G, H, dtype, device=None):
+    if not cell_supports(G, H, dtype, device):
+        small, large = CELL_SMALL_H_MAX[G].get(dtype), CELL_LARGE_H_MAX[G].get(dtype)
+        if large and _bh(H) <= large:
+            why = (f"this GPU cannot hold the {cdiv(padded(H), CELL_BN)} programs of its large-H kernel at once "
+                   f"(next_pow2(H) ≤ {large} in {dtype})")
+        else:
+            why = (f"its small-H kernel holds H ≤ {small} and its large-H kernel next_pow2(H) ≤ {large} in {dtype} "
+                   "(G blocks of W_hh on-chip per program, no spills)" if large else f"it holds no H in {dtype}")
+        raise ValueError(f"backend='persistent' does not hold the {CELL_NAMES[G]} at H={H} in {dtype}: {why}; use "
+                         "backend='stepwise' or 'auto'")
 
 
 def cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, weight_hh, bias, h_n, c_n, lengths, opts, layout):
     """stepwise.cell_forward_recurrence's contract (same buffers, same results) in one launch of the
-    small-H kernel; gates must share xp's strides (the kernel reads both through one pair). ValueError
-    where the kernel does not hold H (cell_check_supported)."""
+    small-H or large-H kernel; gates must share xp's strides (the kernels read both through one pair).
+    ValueError where the kernels do not hold H (cell_check_supported)."""
     lay = layout
-    cell_check_supported(G, lay.H, y.dtype)
+    cell_check_supported(G, lay.H, y.dtype, y.device)
     lay.check(y, "y")
     assert aux.stride() == y.stride() and gates.stride() == xp.stride(), "aux shares y's strides, gates xp's"
     assert h0.stride() == c0.stride(), "h0 and c0 share strides"
@@ -262,21 +320,34 @@ def cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, weight_hh, bias, h_n, 
 
 
 def cell_backward_recurrence(G, dy, dh_n, dc_n, y, h0, gates, aux, c0, weight_hh, dz, lengths, opts, layout):
-    """stepwise.cell_backward_recurrence's contract in one launch of the small-H kernel: fills dz and returns
-    (∂L/∂h0, ∂L/∂c0 or None), contiguous (dirs, B, H) in the accumulator dtype."""
+    """stepwise.cell_backward_recurrence's contract in one launch of the small-H or large-H kernel: fills dz
+    and returns (∂L/∂h0, ∂L/∂c0 or None), (dirs, B, H) in the accumulator dtype (contiguous, or views of
+    the large kernel's padded carries)."""
     lay = layout
-    cell_check_supported(G, lay.H, y.dtype)
+    cell_check_supported(G, lay.H, y.dtype, y.device)
     lay.check(y, "y")
     acc = accumulator_dtype(y.dtype)
-    if G == 4 and dc_n.stride() != dh_n.stride():  # the kernel reads both through one set of strides
+    small = _cell_is_small(G, lay.H, y.dtype)
+    if small and G == 4 and dc_n.stride() != dh_n.stride():  # the kernel reads both through one set of strides
         dh_n, dc_n = dh_n.contiguous(), dc_n.contiguous()
-    dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=acc, device=y.device)
-    dc0 = torch.empty_like(dh0) if G == 4 else dh0  # GRU: never read or written
-    tensors = (dy, dh_n, dc_n if G == 4 else dh_n, y, h0, gates, aux, c0, weight_hh, dz, dh0, dc0, lengths)
-    _run((_cell_backward_plan, G, lay, y.dtype, opts, None if lengths is None else lengths.dtype, dy.stride(),
-          dh_n.stride(), _tb_strides(gates, lay), _tb_strides(dz, lay), h0.stride(), weight_hh.stride()),
-         tensors, y.device)
-    return dh0, (dc0 if G == 4 else None)
+    key = (_cell_backward_plan, G, lay, y.dtype, opts, None if lengths is None else lengths.dtype, dy.stride(),
+           dh_n.stride() if small else None, _tb_strides(gates, lay), _tb_strides(dz, lay), h0.stride(),
+           weight_hh.stride())
+    if small:
+        dh0 = torch.empty(lay.dirs, lay.B, lay.H, dtype=acc, device=y.device)
+        dc0 = torch.empty_like(dh0) if G == 4 else dh0  # GRU: never read or written
+        _run(key, (dy, dh_n, dc_n if G == 4 else dh_n, y, h0, gates, aux, c0, weight_hh, dz, dh0, dc0, lengths),
+             y.device)
+        return dh0, (dc0 if G == 4 else None)
+    # The large kernel reads ∂L/∂h_n (∂L/∂c_n) from, and leaves ∂L/∂h0 (∂L/∂c0) in, (dirs, B, Hp) carries
+    # with one set of strides (GRU: dh doubles as the dc it never touches).
+    carries = torch.empty(2 if G == 4 else 1, lay.dirs, lay.B, lay.Hp, dtype=acc, device=y.device)
+    dh, dc = carries[0], carries[-1]
+    dh[..., :lay.H].copy_(dh_n)
+    if G == 4:
+        dc[..., :lay.H].copy_(dc_n)
+    _run(key, (dy, y, h0, gates, aux, c0, weight_hh, dz, dh, dc, lengths), y.device)
+    return dh[..., :lay.H], (dc[..., :lay.H] if G == 4 else None)
 
 
 # ------------------------------------------------------------------------------------ launch plans
@@ -390,17 +461,27 @@ def _cell_forward_plan(tensors, device, stream, G, lay, dtype, opts, has_bias, l
                        w_strides):
     meta = dict(CELL=G, HAS_BIAS=has_bias, HAS_LENGTHS=lengths_dtype is not None, REVERSE=lay.reverse, ACT=opts.ACT,
                 FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
-    return _small_plan(rnn_persistent_small_fwd_kernel, lay, dtype, stream, tensors,
-                       (lay.T, lay.B, lay.H, *x_strides, *lay.seq_strides, *h0_strides, *w_strides), meta)
+    if _cell_is_small(G, lay.H, dtype):
+        return _small_plan(rnn_persistent_small_fwd_kernel, lay, dtype, stream, tensors,
+                           (lay.T, lay.B, lay.H, *x_strides, *lay.seq_strides, *h0_strides, *w_strides), meta)
+    return _large_plan(rnn_persistent_large_fwd_kernel, lay, dtype, device, stream, tensors, lay.T,
+                       (*x_strides, *lay.seq_strides, *h0_strides[:2], *w_strides),
+                       dict(meta, **_cell_large_meta(lay.H, dtype, backward=False)))
 
 
 def _cell_backward_plan(tensors, device, stream, G, lay, dtype, opts, lengths_dtype, dy_strides, dh_n_strides,
                         x_strides, z_strides, h0_strides, w_strides):
     meta = dict(CELL=G, HAS_LENGTHS=lengths_dtype is not None, REVERSE=lay.reverse, ACT=opts.ACT,
                 PRECISION=opts.PRECISION, UPCAST=opts.UPCAST, BB=BB, BH=_bh(lay.H))
-    return _small_plan(rnn_persistent_small_bwd_kernel, lay, dtype, stream, tensors,
-                       (lay.T, lay.B, lay.H, *lay.dy_strides(tensors[0]), *dh_n_strides, *lay.seq_strides,
-                        *x_strides, *z_strides, *h0_strides, *w_strides), meta)
+    if _cell_is_small(G, lay.H, dtype):
+        return _small_plan(rnn_persistent_small_bwd_kernel, lay, dtype, stream, tensors,
+                           (lay.T, lay.B, lay.H, *lay.dy_strides(tensors[0]), *dh_n_strides, *lay.seq_strides,
+                            *x_strides, *z_strides, *h0_strides, *w_strides), meta)
+    dh = tensors[8]
+    return _large_plan(rnn_persistent_large_bwd_kernel, lay, dtype, device, stream, tensors, 2 * lay.T,
+                       (*lay.dy_strides(tensors[0]), *lay.seq_strides, *x_strides, *z_strides, *h0_strides[:2],
+                        dh.stride(0), dh.stride(1), *w_strides),
+                       dict(meta, **_cell_large_meta(lay.H, dtype, backward=True)))
 
 
 def _small_plan(kernel, lay, dtype, stream, tensors, tail, meta):
@@ -410,9 +491,10 @@ def _small_plan(kernel, lay, dtype, stream, tensors, tail, meta):
 
 
 def _large_plan(kernel, lay, dtype, device, stream, tensors, n_units, strides, meta):
-    """The large kernel's launches, sized from the kernel compiled for exactly these arguments."""
-    meta = dict(meta, **_large_meta(lay.H, dtype))
-    n_col, n_tiles = cdiv(lay.H, meta["BN"]), cdiv(lay.B, BB)
+    """The large kernel's launches, sized from the kernel compiled for exactly these arguments. meta's BB,
+    BN, warps and K_SPLIT (the cells') win over _large_meta's (Elman's)."""
+    meta = dict(_large_meta(lay.H, dtype), **meta)
+    n_col, n_tiles = cdiv(lay.Hp, meta["BN"]), cdiv(lay.B, meta["BB"])  # the programs cover the padded row
     n_lead = len(tensors) + 1  # the tensors and the barrier buffer, which each call passes
 
     def args(unit_begin, unit_end, dir_base, patience, words):
@@ -478,24 +560,35 @@ def _large_meta_cached(H, dtype, config):
     return dict(BN=config.BN, K_SPLIT=_k_split(BH, num_warps), num_warps=num_warps, FLIP=config.flip_barrier)
 
 
+def _cell_large_meta(H, dtype, backward):
+    """BB, BN, K_SPLIT and warps of the cells' large-H kernels; the barrier scheme as large_config says."""
+    BH = _bh(H)
+    num_warps = _num_warps_cell(BH)
+    return dict(BB=CELL_BB_BACKWARD if backward else CELL_BB[dtype], BN=CELL_BN, K_SPLIT=min(num_warps, BH // 16),
+                num_warps=num_warps, FLIP=_large.flip_barrier)
+
+
 def _compile_large(kernel, args, meta, H, device):
     """(compiled, LargeKernelPlan) of the large kernel compiled for exactly these arguments and
     meta-parameters (found in Triton's cache when compiled before) as a cooperative launch."""
     meta = dict(meta, USE_BARRIER=True, launch_cooperative_grid=True)
     compiled = compile_kernel(kernel, args, meta)
-    return compiled, LargeKernelPlan(meta, cdiv(H, meta["BN"]), _coresident_programs(compiled, device,
-                                                                                       meta["num_warps"]))
+    return compiled, LargeKernelPlan(meta, cdiv(padded(H), meta["BN"]),
+                                     _coresident_programs(compiled, device, meta["num_warps"]))
 
 
 @functools.lru_cache(maxsize=256)
-def _stand_in_plan(kernel, layout, dtype, device, opts, config, has_lengths):
+def _stand_in_plan(kernel, layout, dtype, device, opts, config, has_lengths, G=1):
     """The LargeKernelPlan of the launch that a call with this layout makes, for fits (which has no
     tensors): compiled from stand-ins that Triton specialises as the tensors ops passes (16-byte
     aligned; h0 and W_hh rows padded to Hp and contiguous; dy laid out like y; a bias in the
     accumulator dtype; lengths or not), so the call's own launch finds this compile in Triton's cache.
-    config (the large_config in force) is part of the cache key."""
+    config (the large_config in force) is part of the cache key. G: the cell (1 Elman; 3, 4 the
+    rnn_persistent_large_* kernels, with their gate buffers and fp32 aux, c0 and dc)."""
     args = _stand_in_args(kernel, layout, dtype, device, has_lengths)
-    meta = dict(_stand_in_constexprs(kernel, layout, opts, has_lengths), **_large_meta(layout.H, dtype))
+    backward = "p_dz" in kernel.arg_names
+    meta = _large_meta(layout.H, dtype) if G == 1 else dict(_cell_large_meta(layout.H, dtype, backward), CELL=G)
+    meta = dict(meta, **_stand_in_constexprs(kernel, layout, opts, has_lengths, meta.get("BB", BB)))
     return _compile_large(kernel, args, meta, layout.H, device)[1]
 
 
@@ -504,20 +597,23 @@ def _stand_in_args(kernel, lay, dtype, device, has_lengths):
     accumulator = torch.empty(1, dtype=accumulator_dtype(dtype), device=device)
     tensors = {"p_len": torch.empty(B, dtype=torch.int64, device=device) if has_lengths else None,
                "p_barrier": torch.empty(1, dtype=torch.int32, device=device),
-               "p_dh": accumulator, "p_bias": accumulator}
+               **{name: accumulator for name in ("p_dh", "p_bias", "p_aux", "p_c0", "p_dc")}}
     stride_t, stride_b, stride_d = lay.seq_strides
     ints = dict(T=lay.T, B=B, H=H, unit_begin=0, unit_end=1, dir_base=0, patience=MAX_POLLS,
                 stride_w_d=H * Hp, stride_w_n=Hp, stride_w_k=1, stride_h0_d=B * Hp, stride_h0_b=Hp,
                 stride_dh_d=B * Hp, stride_dh_b=Hp, stride_dy_h=1)
     for name in ("y", "dy"):
         ints.update({f"stride_{name}_t": stride_t, f"stride_{name}_b": stride_b, f"stride_{name}_d": stride_d})
+    # The cells' gate buffers (rows of dirs·slots·Hp): Triton specialises their strides as y's (multiples of 16).
+    for name in ("x", "z"):
+        ints.update({f"stride_{name}_t": stride_t, f"stride_{name}_b": stride_b})
     stand_in = torch.empty(1, dtype=dtype, device=device)
     names = [n for n in kernel.arg_names if n.startswith(("p_", "stride_")) or n in ints]
     return [tensors[n] if n in tensors else stand_in if n.startswith("p_") else ints[n] for n in names]
 
 
-def _stand_in_constexprs(kernel, lay, opts, has_lengths):
-    values = dict(HAS_BIAS=True, HAS_LENGTHS=has_lengths, REVERSE=lay.reverse, BB=BB, BH=_bh(lay.H), ACT=opts.ACT,
+def _stand_in_constexprs(kernel, lay, opts, has_lengths, block_b=BB):
+    values = dict(HAS_BIAS=True, HAS_LENGTHS=has_lengths, REVERSE=lay.reverse, BB=block_b, BH=_bh(lay.H), ACT=opts.ACT,
                   FAST_TANH=opts.FAST_TANH, PRECISION=opts.PRECISION, UPCAST=opts.UPCAST)
     return {name: value for name, value in values.items() if name in kernel.arg_names}
 

@@ -274,7 +274,8 @@ def rnn_persistent_large_fwd_kernel(
             h_new, b_aux, g0, g1, g2, g3 = cell_forward(a0, a1, a2, a3, x_n, b_h_own, b_c_own, CELL, ACT, FAST_TANH)
             active = (t < len_b)[:, None]  # [BB, 1]; padding steps store zeros
             # Padding columns get h = 0 from zero weights, Xp, bias and state; gates and aux are zeroed.
-            tl.store(p_y + o_t + b0 * stride_y_b + o_own, tl.where(active, h_new, 0.0).to(p_y.dtype.element_ty), mask=m_bp)
+            tl.store(p_y + o_t + b0 * stride_y_b + o_own, tl.where(active, h_new, 0.0).to(p_y.dtype.element_ty),
+                     mask=m_bp)
             o_last = o_b[:, None] * H + o_n[None, :]
             m_last = m_b[:, None] & m_n[None, :] & is_last_step(t, rev, len_b)[:, None]
             tl.store(p_hn + o_last, h_new.to(p_hn.dtype.element_ty), mask=m_last)
@@ -282,7 +283,8 @@ def rnn_persistent_large_fwd_kernel(
                 keep = active & m_n[None, :]
                 g_ty = p_gates.dtype.element_ty
                 p_g = p_gates + o_x + b0 * stride_x_b + o_gown
-                tl.store(p_aux + o_t + b0 * stride_y_b + o_own, tl.where(keep, b_aux, 0.0).to(p_aux.dtype.element_ty), mask=m_bp)
+                tl.store(p_aux + o_t + b0 * stride_y_b + o_own, tl.where(keep, b_aux, 0.0).to(p_aux.dtype.element_ty),
+                         mask=m_bp)
                 tl.store(p_g, tl.where(keep, g0, 0.0).to(g_ty), mask=m_bp)
                 tl.store(p_g + Hp, tl.where(keep, g1, 0.0).to(g_ty), mask=m_bp)
                 tl.store(p_g + 2 * Hp, tl.where(keep, g2, 0.0).to(g_ty), mask=m_bp)
@@ -360,9 +362,14 @@ def rnn_persistent_large_bwd_kernel(
     dz_ty = p_dz.dtype.element_ty
     acc_ty = p_dh.dtype.element_ty
 
-    # W_hh,g[n, k] = W_hh[g·H + n, k]: G blocks [BH, BN], as [K_SPLIT, BH / K_SPLIT, BN] chunks
-    w0, w1, w2, w3 = weight_slices(p_w + i_d * stride_w_d, o_n, o_k, (o_n < H)[:, None] & m_kp[None, :],
-                                   stride_w_n, stride_w_k, H * stride_w_n, G, K_SPLIT)
+    # W_hh,g[n, k] = W_hh[g·H + n, k]: G blocks [BH, BN], as [K_SPLIT, BH / K_SPLIT, BN] chunks. Where they are
+    # loaded moves ptxas's register allocation (sm_90a): the gated cells' here, first (loaded just before the
+    # loop, the bf16 LSTM at BH = 1024 spills 8 B in its loop on Triton 3.6, the fp32 LSTM at 128 on 3.9);
+    # the Elman cell's just before the loop (loaded here, Triton 3.9 keeps the fp32 ieee slice at BH = 1024
+    # in registers and stages it through shared memory every phase: 32 registers, 1.7 KB spilled).
+    if G > 1:
+        w0, w1, w2, w3 = weight_slices(p_w + i_d * stride_w_d, o_n, o_k, (o_n < H)[:, None] & m_kp[None, :],
+                                       stride_w_n, stride_w_k, H * stride_w_n, G, K_SPLIT)
     p_word = p_barrier + WORD_STRIDE * (1 + i_d * n_group + i_g)
     phase = read_phase(p_word, FLIP) if USE_BARRIER else 0
     p_dy = p_dy + i_d * stride_dy_d
@@ -378,6 +385,9 @@ def rnn_persistent_large_bwd_kernel(
     KC: tl.constexpr = BH // K_SPLIT
     o_nn = tl.arange(0, K_SPLIT)[:, None, None] * KC + tl.arange(0, KC)[None, None, :]  # [K_SPLIT, 1, KC]
     m_np = o_nn < Hp  # [K_SPLIT, 1, KC] within the padded row (padding: dz = 0)
+    if G == 1:
+        w0, w1, w2, w3 = weight_slices(p_w + i_d * stride_w_d, o_n, o_k, (o_n < H)[:, None] & m_kp[None, :],
+                                       stride_w_n, stride_w_k, H * stride_w_n, G, K_SPLIT)
 
     for u in range(unit_begin, unit_end):
         t = step_index(u // 2, T, rev == 0)  # the forward's steps in reverse

@@ -205,6 +205,12 @@ FAMILY_SMALL_H_MAX = {(torch.bfloat16, 3): 128, (torch.bfloat16, 4): 128, (torch
                       (torch.float32, 4): 32, (torch.float64, 3): 32, (torch.float64, 4): 16}
 
 
+# The cells' persistent-large limits (persistent.CELL_LARGE_H_MAX) compiled here: (dtype, CELL, BH, with lengths).
+FAMILY_LARGE = ((torch.bfloat16, 4, 1024, False), (torch.bfloat16, 3, 1024, False), (torch.bfloat16, 4, 1024, True),
+                (torch.float32, 4, 128, False), (torch.float32, 3, 128, False),
+                (torch.float64, 4, 64, False), (torch.float64, 3, 128, False))
+
+
 def family_configurations():
     """The GRU (CELL = 3) and LSTM (CELL = 4) specialisations of the cell-generic kernels (the Elman ones
     above are their CELL = 1 entries). A representative few, to keep the compile within a minute: bf16
@@ -212,7 +218,10 @@ def family_configurations():
     Stepwise: both cells in bf16, the bf16 LSTM with lengths too (the per-row select of h and c), the GRU
     in fp32 (the fp32 LSTM compiles twice as long; it spilled nothing when compiled, 170–200 registers).
     Persistent-small at FAMILY_SMALL_H_MAX: both cells in bf16 and fp64, the LSTM in fp32 (the fp32 GRU
-    takes the same registers or fewer)."""
+    takes the same registers or fewer). Persistent-large at FAMILY_LARGE, the launcher's BB, BN, warps and
+    K_SPLIT: both cells at the 16-bit limit (the anchor LSTM H = 768 is BH = 1024), the bf16 LSTM with
+    lengths, both cells at the fp32 limit,
+    both cells at their fp64 limits."""
     BB, BN, BK = stepwise.block_sizes(64, 1024)
     for dtype, cell, lengths in ((torch.bfloat16, 3, False), (torch.bfloat16, 4, False), (torch.bfloat16, 4, True),
                                  (torch.float32, 3, False)):
@@ -229,6 +238,16 @@ def family_configurations():
         warps = persistent._num_warps_small(dtype)
         yield persistent_small.rnn_persistent_small_fwd_kernel, dtype, warps, fast
         yield persistent_small.rnn_persistent_small_bwd_kernel, dtype, warps, math
+    for dtype, cell, BH, lengths in FAMILY_LARGE:
+        math = dict(ACT=0, PRECISION="ieee", UPCAST=False, HAS_LENGTHS=lengths, REVERSE=False, CELL=cell,
+                    USE_BARRIER=True, BH=BH)
+        for kernel, backward in ((persistent_large.rnn_persistent_large_fwd_kernel, False),
+                                 (persistent_large.rnn_persistent_large_bwd_kernel, True)):
+            meta = persistent._cell_large_meta(BH, dtype, backward)
+            warps = meta.pop("num_warps")
+            extra = {} if backward else dict(FAST_TANH=dtype == torch.bfloat16, HAS_BIAS=True)
+            if not (backward and lengths):  # the backward's lengths are a [BB] mask per phase: not worth a compile
+                yield kernel, dtype, warps, dict(math, **meta, **extra)
 
 
 def main(argv):

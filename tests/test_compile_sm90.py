@@ -28,14 +28,16 @@ def test_every_kernel_compiles(reports):
                      "elman_persistent_small_fwd_kernel", "elman_persistent_small_bwd_kernel",
                      "elman_persistent_large_fwd_kernel", "elman_persistent_large_bwd_kernel",
                      "barrier_loop_kernel", "rnn_step_fwd_kernel", "rnn_step_bwd_kernel",
-                     "rnn_persistent_small_fwd_kernel", "rnn_persistent_small_bwd_kernel"}
+                     "rnn_persistent_small_fwd_kernel", "rnn_persistent_small_bwd_kernel",
+                     "rnn_persistent_large_fwd_kernel", "rnn_persistent_large_bwd_kernel"}
 
 
 def test_every_cell_compiles(reports):
     """The cell-generic kernels are compiled as GRU (CELL = 3) and LSTM (4), forward and backward."""
     cells = {(r["kernel"], r["CELL"]) for r in reports if r["kernel"].startswith("rnn_")}
     assert cells == {(kernel, cell) for kernel in ("rnn_step_fwd_kernel", "rnn_step_bwd_kernel",
-                                                   "rnn_persistent_small_fwd_kernel", "rnn_persistent_small_bwd_kernel")
+                                                   "rnn_persistent_small_fwd_kernel", "rnn_persistent_small_bwd_kernel",
+                                                   "rnn_persistent_large_fwd_kernel", "rnn_persistent_large_bwd_kernel")
                      for cell in (3, 4)}
 
 
@@ -115,7 +117,8 @@ def test_unaligned_H_keeps_the_aligned_load_width(reports):
 KNOWN_NARROW_LOADS = {("rnn_persistent_small_bwd_kernel", "bf16", 128, 3, False, False): {"16": 8}}
 
 
-BARRIER_KERNELS = ("elman_persistent_large_fwd_kernel", "elman_persistent_large_bwd_kernel", "barrier_loop_kernel")
+BARRIER_KERNELS = ("elman_persistent_large_fwd_kernel", "elman_persistent_large_bwd_kernel", "barrier_loop_kernel",
+                   "rnn_persistent_large_fwd_kernel", "rnn_persistent_large_bwd_kernel")
 
 
 def test_every_grid_barrier_polls_with_acquire(reports):
@@ -165,3 +168,21 @@ def test_unaligned_H_keeps_the_occupancy_of_1024_and_2048(reports, BH):
             pair = {r["aligned"]: r for r in reports if (r["kernel"], r["dtype"], r.get("BH")) == (kernel, dtype, BH)
                     and not r.get("HAS_LENGTHS")}
             assert programs_per_sm(pair[False]) == programs_per_sm(pair[True]), (kernel, dtype, pair)
+
+
+# SASS instructions per warp per step of the cells' large-H kernels at the 16-bit limit BH = 1024 (the anchor
+# LSTM H = 768), bf16, no lengths, both alignments: the larger of Triton 3.6's and 3.9's counts, rounded up, as
+# a ceiling (benchmarks/NOTES.md, "LSTM and GRU on the persistent large-H kernel"). A forward step is one
+# batch tile of 16 rows; a backward step both phases of one tile of 8.
+CELL_STEP_INSTRUCTIONS = {("rnn_persistent_large_fwd_kernel", 4): 560, ("rnn_persistent_large_bwd_kernel", 4): 720,
+                          ("rnn_persistent_large_fwd_kernel", 3): 540, ("rnn_persistent_large_bwd_kernel", 3): 590}
+
+
+def test_cell_large_h_steps_stay_within_their_instruction_counts(reports):
+    counted = {(r["kernel"], r["CELL"], r["aligned"]): r["step_instructions"] for r in reports
+               if (r["kernel"], r.get("CELL")) in CELL_STEP_INSTRUCTIONS and r.get("BH") == 1024
+               and r["dtype"] == "bf16" and not r.get("HAS_LENGTHS")}
+    print("SASS instructions per step (cells):", counted)
+    assert len(counted) == 8
+    over = {k: (n, CELL_STEP_INSTRUCTIONS[k[:2]]) for k, n in counted.items() if n > CELL_STEP_INSTRUCTIONS[k[:2]]}
+    assert not over, over
