@@ -6,8 +6,8 @@ The Triton path is the Elman op's with G gates (G = 3 GRU, 4 LSTM; the kernels' 
 
     forward:  xp = x W_ihᵀ, one GEMM over all T·B rows, all gates and both directions, into a gate buffer
               of dirs·G·Hp columns (each gate's block padded to Hp = H rounded up to 16); then one fused
-              launch per step (kernels/stepwise.py), or one for the whole sequence (persistent small-H,
-              kernels/persistent_small.py), writes y, the activated gates and aux (LSTM's c_t, GRU's
+              launch per step (kernels/stepwise.py), or one for the whole sequence (persistent: the
+              small-H or the large-H kernel, kernels/persistent_small.py / persistent_large.py), writes y, the activated gates and aux (LSTM's c_t, GRU's
               ĥ_t = h W_hnᵀ + b_hn) for the backward.
     backward: the reverse loop, the same way, writes dz (the gradients of every gate's pre-activation);
               dW_hh, db, and (through the GEMM's autograd) dx and dW_ih are GEMMs and sums after it.
@@ -17,10 +17,10 @@ and aux (fp32; fp64 for fp64). That is (G + 1) storage values and one fp32 per u
 alternative, recomputing the gates, would repeat the h W_hhᵀ GEMM of every step in the backward.
 LSTM's c is carried between steps in that fp32 aux sequence (never rounded to 16 bits), GRU's h in y.
 
-Backends: "stepwise" (Triton); "persistent" (Triton, the small-H kernel: H within
-persistent.CELL_SMALL_H_MAX, e.g. 128 in 16-bit; beyond it ValueError, the persistent-large kernel takes
-only the Elman cell); "reference" (the PyTorch loop); "auto": on CUDA persistent within those limits,
-else stepwise, on CPU PyTorch's own torch.lstm / torch.gru (the loop where those cannot serve: a
+Backends: "stepwise" (Triton); "persistent" (Triton: the small-H kernel within
+persistent.CELL_SMALL_H_MAX, e.g. 128 in 16-bit, beyond it the large-H kernel within CELL_LARGE_H_MAX
+where x's device holds its programs, else ValueError; persistent.cell_supports); "reference" (the
+PyTorch loop); "auto": on CUDA persistent where it holds the layer, else stepwise, on CPU PyTorch's own torch.lstm / torch.gru (the loop where those cannot serve: a
 reverse-only layer with lengths, state_grad_norms, torch.func transforms and forward-mode AD).
 LSTM with proj_size (weights_hr) runs the reference loop on the Triton backends: a slower path that
 gives the same values and gradients.
@@ -134,12 +134,12 @@ def run_cell_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih=None, bias
     if state_grad_norms is not None:
         _check_norms(cell, state_grad_norms, dirs, T, B, x.device)
     if backend == "persistent" and B > 0 and weights_hr is None:  # proj_size: the reference loop
-        persistent.cell_check_supported(G, H, x.dtype)
+        persistent.cell_check_supported(G, H, x.dtype, x.device)
     if B == 0:  # an empty batch, which nn.LSTM / nn.GRU accept: empty outputs, zero weight gradients
         backend = "reference"
     if backend == "auto":
         if x.device.type == "cuda":
-            backend = "persistent" if persistent.cell_supports(G, H, x.dtype) else "stepwise"
+            backend = "persistent" if persistent.cell_supports(G, H, x.dtype, x.device) else "stepwise"
         else:  # PyTorch's native kernel, except where it cannot serve: a reverse-only layer with lengths (it
             # has none), torch.export (which would unroll it over T; the reference loop exports as a scan),
             # state_grad_norms (it exposes no per-step gradient) and torch.func transforms or forward-mode
