@@ -53,7 +53,26 @@ def test_double_backward_matches_nn(cell, backend, case, device):
     """Both directions in one layer: the gradient of a random projection of the first gradients (taken
     with create_graph=True through the kernels) with respect to x, h0, c0 and every weight, against
     nn's float64 double backward on CPU (packed input where the rows have lengths)."""
-    T, B, D, H, batch_first, with_lengths = DOUBLE_BACKWARD_CASES[case]
+    check_double_backward(cell, backend, DOUBLE_BACKWARD_CASES[case], device)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_double_backward_on_the_large_kernel(cell, monkeypatch, device):
+    """The same through the persistent large-H kernel (forced at small H, as tests/test_family_large.py does)."""
+    from elman_triton import persistent
+    from utils import count_launches
+
+    monkeypatch.setattr(persistent, "CELL_SMALL_H_MAX", {G: dict.fromkeys(limits, 0)
+                                                         for G, limits in persistent.CELL_SMALL_H_MAX.items()})
+    monkeypatch.setattr(persistent, "_PLANS", {})
+    fwd, bwd = count_launches(monkeypatch, persistent, "rnn_persistent_large_fwd_kernel",
+                              "rnn_persistent_large_bwd_kernel")
+    check_double_backward(cell, "persistent", DOUBLE_BACKWARD_CASES["batch-first-lengths"], device)
+    assert fwd.launches and bwd.launches
+
+
+def check_double_backward(cell, backend, case, device):
+    T, B, D, H, batch_first, with_lengths = case
     ref = nn_layer(cell, "cpu", input_size=D, hidden_size=H, batch_first=batch_first)
     x = rand(*((B, T, D) if batch_first else (T, B, D)), device="cpu")
     h0, c0 = rand(2, B, H, device="cpu"), rand(2, B, H, device="cpu")
