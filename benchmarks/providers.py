@@ -14,6 +14,7 @@ import torch
 
 from elman_triton import elman_rnn, elman_rnn_reference, persistent
 from elman_triton.family import GRU, LSTM
+from elman_triton.family_ops import GATES
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("forward", "backward", "fwd_bwd")
@@ -277,13 +278,43 @@ def _describe_torch_rnn(shape, device):
     return f"nn.{name}, ATen per-step loop (cuDNN does not take this dtype here)"
 
 
+def family_auto_backend(shape, device):
+    """The backend elman_triton.family's LSTM / GRU with backend="auto" runs for a plain call (no lengths,
+    transforms or state-gradient hook) at shape on device: on CUDA "persistent" where persistent.cell_supports
+    (the test family_ops' auto asks) holds the cell, else "stepwise"; on CPU "native" (torch.lstm / torch.gru)."""
+    if device.type != "cuda":
+        return "native"
+    return "persistent" if persistent.cell_supports(GATES[shape.cell], shape.H, shape.torch_dtype, device) \
+        else "stepwise"
+
+
+def check_family_persistent(shape, device):
+    """ValueError, naming the limit, where backend="persistent" does not hold the LSTM / GRU at shape on device
+    (persistent.cell_check_supported); under the interpreter only H counts."""
+    persistent.cell_check_supported(GATES[shape.cell], shape.H, shape.torch_dtype,
+                                    device if device.type == "cuda" else None)
+
+
+def family_persistent_kernel(shape):
+    """Which of persistent's kernels an LSTM / GRU at shape runs: its small-H kernel within
+    persistent.CELL_SMALL_H_MAX (the limits are powers of 2, so H ≤ limit is the launcher's next_pow2(H) ≤
+    limit), else its large-H kernel."""
+    small = shape.H <= persistent.CELL_SMALL_H_MAX[GATES[shape.cell]].get(shape.torch_dtype, 0)
+    return "small-H kernel" if small else "large-H kernel"
+
+
 def _describe_family(backend):
     def describe(shape, device):
         name = f"elman_triton.family.{TORCH_MODULES[shape.cell].__name__}(backend={backend!r})"
-        if backend != "auto":
+        if backend == "stepwise":
             return f"{name}, one launch per step"
-        # family_ops: auto is stepwise on CUDA (no persistent kernels for these cells yet), torch's own on CPU
-        return f"{name} -> stepwise" if device.type == "cuda" else f"{name} -> torch.{shape.cell}, native CPU kernel"
+        if backend == "persistent":
+            return f"{name}, one launch per sequence ({family_persistent_kernel(shape)})"
+        try:
+            picked = family_auto_backend(shape, device)
+        except Exception as e:
+            return f"{name} (persistent.cell_supports raised {one_line(e)})"
+        return f"{name} -> " + (f"torch.{shape.cell}, native CPU kernel" if picked == "native" else picked)
     return describe
 
 
@@ -326,14 +357,18 @@ PROVIDERS = {p.name: p for p in (
 )}
 
 # The LSTM and GRU (issue 17): nn.LSTM / nn.GRU (cuDNN on a GPU) and elman_triton.family's drop-in with
-# backend="auto", what its users get (stepwise on a GPU, since the persistent kernels take only the Elman
-# cell yet); its "stepwise" backend is checked in Triton's interpreter on CPU (FAMILY_INTERPRETER_PROVIDERS).
+# backend="auto", what its users get (on a GPU persistent where persistent.cell_supports holds the cell, else
+# stepwise; the row's backend says which); its Triton backends, "stepwise" and "persistent" (the small-H and
+# large-H kernels), are checked in Triton's interpreter on CPU (FAMILY_INTERPRETER_PROVIDERS).
 FAMILY_PROVIDERS = {cell: (Provider(f"torch_{cell}", _torch_rnn, _describe_torch_rnn, tf32_flag="cudnn",
                                     note=f"the baseline for the {cell.upper()} speedups"),
                            Provider(f"{cell}_auto", _family("auto"), _describe_family("auto"), ours=True,
                                     runs_baseline_on_cpu=True))
                     for cell in CELLS[1:]}
 FAMILY_INTERPRETER_PROVIDERS = {cell: (Provider(f"{cell}_stepwise", _family("stepwise"), _describe_family("stepwise"),
-                                                ours=True, triton=True),)
+                                                ours=True, triton=True),
+                                       Provider(f"{cell}_persistent", _family("persistent"),
+                                                _describe_family("persistent"), ours=True, triton=True,
+                                                check_support=check_family_persistent))
                                 for cell in CELLS[1:]}
 BASELINES = {"elman": "torch_rnn", **{cell: providers[0].name for cell, providers in FAMILY_PROVIDERS.items()}}

@@ -14,7 +14,8 @@ from elman_triton import elman_rnn_reference, persistent
 from elman_triton.config import INTERPRETED
 
 from .measure import ROW_METADATA, cache_and_budget, make_timer, peak_training_memory, rotation_count
-from .providers import TORCH_MODULES, Shape, layer_outputs, make_problem, module_state, one_line, shape_text
+from .providers import (TORCH_MODULES, Shape, family_persistent_kernel, layer_outputs, make_problem, module_state,
+                        one_line, shape_text)
 
 # ‖a − b‖ / ‖b‖ against the float64 reference.
 TOLERANCE = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 1e-2}
@@ -277,17 +278,23 @@ def run_sweep(config, metadata, checkpoint=None):
 # small-H kernel and H = 72 (above SMALL_H_MAX[fp32] = 64) its large-H one, split over column programs;
 # bf16 takes the half-precision path (bf16 storage, fp32 state).
 INTERPRETER_SHAPES = (Shape("fp32", 5, 3, 17, 11), Shape("fp32", 4, 2, 72, 9), Shape("bf16", 5, 3, 17, 11))
-# The LSTM's and GRU's stepwise kernels (the cell as a constexpr): one tiny odd shape each, against nn.LSTM /
-# nn.GRU in float64, with gradients of h_n (and c_n) as well as y flowing into the backward kernels.
-FAMILY_INTERPRETER_SHAPES = {cell: (Shape("fp32", 5, 3, 17, 11, cell),) for cell in ("lstm", "gru")}
+# The LSTM's and GRU's kernels (the cell as a constexpr), against nn.LSTM / nn.GRU in float64, with gradients
+# of h_n (and c_n) as well as y flowing into the backward kernels: fp32 H = 17 takes persistent's small-H
+# kernel (H ≤ CELL_SMALL_H_MAX[fp32] = 32) and H = 40 its large-H one, over six column programs of
+# CELL_BN = 8 units (Hp = 48); stepwise runs both.
+FAMILY_INTERPRETER_SHAPES = {cell: (Shape("fp32", 5, 3, 17, 11, cell), Shape("fp32", 2, 3, 40, 7, cell))
+                             for cell in ("lstm", "gru")}
 INTERPRETER_MODES = {"inference": False, "training": True}  # mode name -> with gradients
 
 
 def interpreter_kernel(provider, shape):
     """Which kernel a Triton provider runs at shape under the interpreter (where on-chip memory is
-    unbounded, so H ≤ SMALL_H_MAX alone picks persistent's small-H kernel)."""
-    if provider.name != "persistent":
+    unbounded, so H ≤ SMALL_H_MAX alone picks persistent's small-H kernel for the Elman cell, H ≤
+    CELL_SMALL_H_MAX for the LSTM / GRU)."""
+    if provider.name not in ("persistent", f"{shape.cell}_persistent"):
         return "one launch per step"
+    if shape.cell != "elman":
+        return family_persistent_kernel(shape)
     small = shape.H <= persistent.SMALL_H_MAX.get(shape.torch_dtype, 0)
     return "small-H kernel" if small else "large-H kernel"
 

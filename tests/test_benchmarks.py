@@ -26,8 +26,10 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not 
 import benchmarks  # noqa: E402
 from benchmarks import cli, module_rows, report, sweep  # noqa: E402
 from benchmarks.measure import ROW_METADATA, make_timer, rotation_count  # noqa: E402
-from benchmarks.providers import FAMILY_PROVIDERS, PROVIDERS, Provider, Shape  # noqa: E402
-from elman_triton import elman_rnn_reference  # noqa: E402
+from benchmarks.providers import FAMILY_INTERPRETER_PROVIDERS, FAMILY_PROVIDERS, PROVIDERS, Provider, Shape  # noqa: E402
+from elman_triton import elman_rnn_reference, persistent  # noqa: E402
+from elman_triton.config import padded  # noqa: E402
+from elman_triton.family_ops import GATES as FAMILY_GATES  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 TINY = ["--dtype", "fp32", "--batch", "2", "--hidden", "32", "--seq", "8", "--rep-ms", "20"]
@@ -132,7 +134,8 @@ def check_interpreter_rows(rows, summary, stdout):
     """Every Triton backend was checked in the interpreter (stepwise_graph, a CUDA-graph replay, says
     why not): persistent's small- and large-H kernels, the layer in inference and training, and the
     module (2 layers, bidirectional, packed); all passed, within the float64 tolerance. The LSTM's and
-    GRU's stepwise kernels too, against nn.LSTM / nn.GRU (c_n included), in inference and training."""
+    GRU's kernels too (stepwise, persistent's small-H and large-H kernels), against nn.LSTM / nn.GRU (c_n
+    included), in inference and training."""
     ran = [r for r in rows if r["status"] != "needs_gpu"]
     assert {r["provider"] for r in rows if r["status"] == "needs_gpu"} == {"stepwise_graph"}
     assert all(r["status"] == "passed" for r in ran), [r for r in ran if r["status"] != "passed"]
@@ -146,8 +149,17 @@ def check_interpreter_rows(rows, summary, stdout):
         assert any(c[0] == provider and c[2] == "module" and c[3] == "training" for c in checked)
     for cell in ("lstm", "gru"):
         family = [r for r in ran if r["cell"] == cell]
-        assert {(r["provider"], r["kernel"], r["mode"]) for r in family} == {
-            (f"{cell}_stepwise", "one launch per step", m) for m in ("inference", "training")}
+        # stepwise at both shapes; persistent's small-H kernel (H ≤ CELL_SMALL_H_MAX) and its large-H kernel
+        # over several column programs (H above it, Hp > CELL_BN)
+        G = FAMILY_GATES[cell]
+        kernels = {(r["provider"], r["kernel"], r["mode"], r["H"] <= persistent.CELL_SMALL_H_MAX[G][torch.float32])
+                   for r in family}
+        assert kernels == {(f"{cell}_{provider}", kernel, m, small) for m in ("inference", "training")
+                           for provider, kernel, small in (("stepwise", "one launch per step", True),
+                                                           ("stepwise", "one launch per step", False),
+                                                           ("persistent", "small-H kernel", True),
+                                                           ("persistent", "large-H kernel", False))}
+        assert any(padded(r["H"]) > persistent.CELL_BN for r in family if r["kernel"] == "large-H kernel")
         assert all((r["err_c_n"] is not None) == (cell == "lstm") for r in family)
         assert all(r["err_c_n"] <= r["tolerance"] for r in family if cell == "lstm")
     assert {r["dtype"] for r in ran} == {"fp32", "bf16"}
@@ -280,7 +292,7 @@ def test_family_interpreter_checks_report_a_wrong_kernel(tmp_path, capsys):
              "c_n": _fake("wrong_c_n", _wrong_family(output=2), triton=True, ours=True),
              "grad": _fake("wrong_grad", _wrong_family(gradient=True), triton=True, ours=True)}
     rows = sweep.interpreter_checks(list(wrong.values()), shapes=sweep.FAMILY_INTERPRETER_SHAPES["lstm"])
-    assert len(rows) == 3 * 2 and {r["cell"] for r in rows} == {"lstm"}
+    assert len(rows) == 3 * 2 * len(sweep.FAMILY_INTERPRETER_SHAPES["lstm"]) and {r["cell"] for r in rows} == {"lstm"}
     by = {(r["provider"], r["mode"]): r for r in rows}
     if not INTERPRETED:  # a GPU process: its kernels are compiled, not interpreted
         assert {r["status"] for r in rows} == {"not_run"}
@@ -292,9 +304,42 @@ def test_family_interpreter_checks_report_a_wrong_kernel(tmp_path, capsys):
     assert by["wrong_grad", "inference"]["status"] == "passed"
     assert by["wrong_grad", "training"]["status"] == "failed" and by["wrong_grad", "training"]["err_grad"] > 0.05
     gru = sweep.interpreter_checks([wrong["y"]], shapes=sweep.FAMILY_INTERPRETER_SHAPES["gru"])
-    assert [r["status"] for r in gru] == ["failed", "failed"] and all(r.get("err_c_n") is None for r in gru)
+    assert {r["status"] for r in gru} == {"failed"} and all(r.get("err_c_n") is None for r in gru)
     status = cli.report_to_stdout([], [], list(wrong.values()), tmp_path, [], torch.device("cpu"), interpreted=rows)
     assert status == 1 and "FAILED: interpreter layer wrong_c_n" in capsys.readouterr().out
+
+
+def test_family_persistent_rows_say_where_the_kernels_do_not_hold_the_cell():
+    """Beyond persistent's kernels (fp32 LSTM H = 200: next_pow2(H) above CELL_LARGE_H_MAX) the interpreter
+    rows of lstm_persistent are 'unsupported' with the launcher's ValueError, not failed, and nothing runs."""
+    from elman_triton.config import INTERPRETED
+    (provider,) = [p for p in FAMILY_INTERPRETER_PROVIDERS["lstm"] if p.name == "lstm_persistent"]
+    shape = Shape("fp32", 2, 2, 200, 3, "lstm")
+    rows = sweep.interpreter_checks([provider], shapes=(shape,))
+    assert [(r["mode"], r["kernel"]) for r in rows] == [("inference", "large-H kernel"), ("training", "large-H kernel")]
+    if not INTERPRETED:  # a GPU process: its kernels are compiled, not interpreted
+        assert {r["status"] for r in rows} == {"not_run"}
+        return
+    for r in rows:
+        assert r["status"] == "unsupported" and "err_y" not in r, r
+        assert r["reason"].startswith("ValueError: backend='persistent' does not hold the LSTM at H=200"), r
+
+
+def test_family_rows_name_the_backend_auto_runs():
+    """The LSTM / GRU rows' backend says what elman_triton.family's auto runs at the shape: on CUDA the persistent
+    kernels where persistent.cell_supports holds the cell (the anchor LSTM H = 768 in bf16: the large-H kernel),
+    stepwise beyond them (H = 2048), on CPU torch's own kernel; persistent's rows name its kernel."""
+    auto, cuda = FAMILY_PROVIDERS["lstm"][1], torch.device("cuda")
+    anchor, beyond = Shape("bf16", 1024, 16, 768, 768, "lstm"), Shape("bf16", 1024, 16, 2048, 2048, "lstm")
+    held = persistent.cell_supports(4, 768, torch.bfloat16, cuda if CUDA else None)
+    assert held or CUDA  # the interpreter holds every H within CELL_LARGE_H_MAX
+    name = "elman_triton.family.LSTM(backend='auto')"
+    assert auto.describe(anchor, cuda) == f"{name} -> {'persistent' if held else 'stepwise'}"
+    assert auto.describe(beyond, cuda) == f"{name} -> stepwise"
+    assert auto.describe(anchor, torch.device("cpu")) == f"{name} -> torch.lstm, native CPU kernel"
+    gru = FAMILY_INTERPRETER_PROVIDERS["gru"][1]
+    assert gru.describe(Shape("fp32", 5, 3, 17, 11, "gru"), cuda).endswith("one launch per sequence (small-H kernel)")
+    assert gru.describe(Shape("fp32", 5, 3, 33, 11, "gru"), cuda).endswith("one launch per sequence (large-H kernel)")
 
 
 def test_family_rows_and_their_exit_status(tmp_path, monkeypatch):
