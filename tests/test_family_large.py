@@ -194,6 +194,29 @@ def test_plan_of_the_anchor_shape(fake_gpu, monkeypatch):
     assert [grid for grid, _ in runs] == [(96, 1, 1)] * 2 and runs[0][1]["BB"] == 8
 
 
+def test_auto_needs_the_grid_to_fit(fake_gpu, monkeypatch):
+    """cell_supports on CUDA (faked, the kernels' registers as compiled: one program per SM): the anchor
+    LSTM's 96 column programs fit an H200's 132 SMs, not a 64-SM device, where auto uses stepwise and
+    backend='persistent' says why."""
+    for name, regs in (("rnn_persistent_large_fwd_kernel", 175), ("rnn_persistent_large_bwd_kernel", 255)):
+        monkeypatch.setattr(persistent, name, FakeKernel(getattr(persistent, name), lambda meta, regs=regs: regs,
+                                                         shared=98304))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cuda = torch.device("cuda", 0)
+    fits = []
+    for sms in (132, 64):
+        fake_gpu.sms = sms
+        persistent._cell_large_fits.cache_clear()
+        persistent._stand_in_plan.cache_clear()
+        fits.append(persistent.cell_supports(4, 768, torch.bfloat16, cuda))
+    try:
+        assert fits == [True, False]
+        with pytest.raises(ValueError, match="this GPU cannot hold the 96 programs of its large-H kernel at once"):
+            persistent.cell_check_supported(4, 768, torch.bfloat16, cuda)
+    finally:
+        persistent._cell_large_fits.cache_clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_gpu_anchor_shape_matches_stepwise(cell):
