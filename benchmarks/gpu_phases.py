@@ -75,10 +75,15 @@ DRY_SHAPE = ["--dtype", "fp32", "--batch", "2", "--hidden", "16", "--seq", "8", 
 CUDNN_GRID = ["--dtype", "fp16", "--batch", "1", "8", "16", "64", "--hidden", "256", "512", "1024", "2048",
               "--seq", "1024"]
 
-# The RNN family (issue 17): ours against nn.LSTM / nn.GRU at the anchor shape, once the package has them.
+# The RNN family (issue 17): elman_triton.LSTM / GRU against nn.LSTM / nn.GRU at the anchor shape. The rows
+# in the order a phase cut short should keep them: for both cells ours with backend "auto" (what users get)
+# and nn's module, then ours on each Triton backend, "stepwise" and "persistent" (auto ran one of them; the
+# other is the comparison its rule answers to).
 FAMILY_CELLS = ("LSTM", "GRU")
+FAMILY_ROWS = [(cell, who) for pair in (("auto", "nn"), ("stepwise", "persistent")) for cell in FAMILY_CELLS
+               for who in pair]
 FAMILY_SHAPE = {"T": 1024, "B": 16, "H": 768}  # FlashRNN's published LSTM shape (H100: 4.87 ms vs cuDNN 2.01)
-DRY_FAMILY_SHAPE = {"T": 8, "B": 2, "H": 16}
+DRY_FAMILY_SHAPE = {"T": 4, "B": 2, "H": 16}
 
 
 class PhaseLog:
@@ -510,47 +515,45 @@ def nn_rnn_backend(device, dtype, T=64, B=16, H=1024):
 
 def phase_family(args):
     """The RNN family (issue 17) after the Elman phases: elman_triton.LSTM and GRU against nn.LSTM and
-    nn.GRU with the same weights at the anchor shape, checked against float64, then timed forward
-    and fwd+bwd. While the package has no LSTM the phase says "not available" and ends in seconds,
-    so the Elman phases keep their time. (The family's whole target grid is python -m benchmarks
-    --standard --family lstm,gru, a follow-up call of its own.)"""
-    import elman_triton
-    device = gpu_device(args.dry_run)
-    cells = [cell for cell in FAMILY_CELLS if hasattr(elman_triton, cell)]
-    shape, dtype = (DRY_FAMILY_SHAPE, "fp32") if args.dry_run else (FAMILY_SHAPE, "bf16")
-    log = PhaseLog(args.out, "family", cells=cells, dtype=dtype, **shape)
-    if "LSTM" not in cells:
-        print("family: not available (elman_triton has no LSTM yet): skipped")
-        log.add({"status": "not available: elman_triton has no LSTM yet"})
-        log.finish()
-        return
+    nn.GRU with the same weights at the anchor shape, one row per cell and backend (FAMILY_ROWS): ours
+    with backend auto, stepwise and persistent (where persistent.cell_supports holds the shape; else the
+    row says why not), each checked against float64 first, then timed forward and fwd+bwd beside nn's
+    module. Every row of a cell records the backend auto runs there (auto_ran). A row that would not
+    finish within the phase's limit says so. The dry run takes fp32 at a tiny shape on CPU, the Triton
+    backends in Triton's interpreter (auto runs torch's native CPU kernel there). (The family's whole
+    target grid is python -m benchmarks --standard --family lstm,gru, a follow-up call of its own.)"""
+    if args.dry_run:
+        from benchmarks import interpret_without_gpu
+        interpret_without_gpu()  # before elman_triton's kernels are defined: the Triton rows run interpreted
     import torch
     from benchmarks.measure import make_timer
-    from benchmarks.providers import DTYPES
-    from benchmarks.sweep import TOLERANCE, rel_err
-    T, B, H = shape["T"], shape["B"], shape["H"]
+    from benchmarks.providers import Shape, family_auto_backend, family_persistent_kernel
+    from benchmarks.sweep import TOLERANCE
+    device = gpu_device(args.dry_run)
+    size, dtype = (DRY_FAMILY_SHAPE, "fp32") if args.dry_run else (FAMILY_SHAPE, "bf16")
+    log = PhaseLog(args.out, "family", cells=list(FAMILY_CELLS), dtype=dtype, **size)
     timer = make_timer(device, 5.0 if args.dry_run else 100.0)
-    deadline, longest = time.monotonic() + args.limit - PHASE_SLACK_S, 0.0
-    for cell in cells:
-        row, started = {"cell": cell}, time.monotonic()
-        if started + longest > deadline:
+    torch.manual_seed(0)
+    deadline, longest, cells = time.monotonic() + args.limit - PHASE_SLACK_S, 0.0, {}
+    for cell, who in FAMILY_ROWS:
+        row, started = {"cell": cell, "backend": who}, time.monotonic()
+        if started + longest > deadline:  # the row would not finish: say so, and end with the check
             log.add({**row, "status": "not run: the phase's time is up"})
             continue
+        shape = Shape(dtype, size["T"], size["B"], size["H"], size["H"], cell.lower())
         try:
-            ours = getattr(elman_triton, cell)(H, H, device=device, dtype=DTYPES[dtype])
-            theirs = getattr(torch.nn, cell)(H, H, device=device, dtype=DTYPES[dtype])
-            theirs.load_state_dict(ours.state_dict())
-            x = torch.randn(T, B, H, device=device, dtype=DTYPES[dtype], requires_grad=True)
-            with torch.no_grad():
-                reference = getattr(torch.nn, cell)(H, H, device=device, dtype=torch.float64)
-                reference.load_state_dict(ours.state_dict())  # load_state_dict copies into float64
-                row["err_ours"] = rel_err(ours(x)[0], reference(x.double())[0])
-            if not row["err_ours"] <= TOLERANCE[dtype]:
-                row["status"] = f"failed: relative error {row['err_ours']:.3g} > {TOLERANCE[dtype]:g}"
+            if cell not in cells:
+                cells[cell] = family_inputs(cell, shape, device)
+            theirs, x, reference = cells[cell]
+            row["auto_ran"] = family_auto_backend(shape, device)
+            if who == "persistent":
+                row["kernel"] = family_persistent_kernel(shape)
+            blocked = family_blocked(who, shape, device)
+            if blocked:
+                row["status"] = blocked
             else:
-                for name, module in (("ours", ours), ("nn", theirs)):
-                    row.update(time_module(name, module, x, timer))
-                row["status"] = "ok"
+                row.update(check_and_time(family_module(cell, who, theirs), x, reference, TOLERANCE[dtype], timer,
+                                          gate=who != "nn"))
         except Exception as e:
             row["status"] = f"error: {one_line(e)}"
         longest = max(longest, time.monotonic() - started)
@@ -558,9 +561,59 @@ def phase_family(args):
     log.finish()
 
 
-def time_module(name, module, x, timer):
-    """{name_forward_ms, name_fwd_bwd_ms} of an RNN module on x, or name_error (nn.LSTM in bf16 may
-    not run at all: pytorch #88136)."""
+def family_blocked(who, shape, device):
+    """Why ours on backend `who` does not run at shape here, or None: persistent's kernels do not hold the
+    shape (the launcher's ValueError), or a CPU process without Triton's interpreter (a dry run inside a
+    process that imported elman_triton on a machine with a GPU)."""
+    from benchmarks.providers import check_family_persistent
+    from elman_triton.config import INTERPRETED
+    if who in ("stepwise", "persistent") and device.type != "cuda" and not INTERPRETED:
+        return f"{SKIPPED} (this process imported elman_triton without TRITON_INTERPRET=1)"
+    if who == "persistent":
+        try:
+            check_family_persistent(shape, device)
+        except ValueError as e:
+            return f"unsupported: {one_line(e)}"
+    return None
+
+
+def family_inputs(cell, shape, device):
+    """(nn's module, x, y of nn's module in float64 with the same weights) for one cell."""
+    import torch
+    theirs = getattr(torch.nn, cell)(shape.H, shape.H, device=device, dtype=shape.torch_dtype)
+    x = torch.randn(shape.T, shape.B, shape.D, device=device, dtype=shape.torch_dtype, requires_grad=True)
+    with torch.no_grad():
+        reference = getattr(torch.nn, cell)(shape.H, shape.H, device=device, dtype=torch.float64)
+        reference.load_state_dict(theirs.state_dict())  # load_state_dict copies into float64
+        return theirs, x, reference(x.double())[0]
+
+
+def family_module(cell, who, theirs):
+    """nn's module itself (who "nn"), or elman_triton's drop-in with backend=who and nn's weights."""
+    import elman_triton
+    if who == "nn":
+        return theirs
+    ours = getattr(elman_triton, cell)(theirs.input_size, theirs.hidden_size, device=theirs.weight_hh_l0.device,
+                                       dtype=theirs.weight_hh_l0.dtype, backend=who)
+    ours.load_state_dict(theirs.state_dict())
+    return ours
+
+
+def check_and_time(module, x, reference, tolerance, timer, gate=True):
+    """{err, status, forward_ms, fwd_bwd_ms}: y against the float64 reference, then (if within tolerance, or
+    always when gate is False: nn's module, the baseline) timed."""
+    import torch
+    from benchmarks.sweep import rel_err
+    with torch.no_grad():
+        err = rel_err(module(x)[0], reference)
+    if gate and not err <= tolerance:
+        return {"err": err, "status": f"failed: relative error {err:.3g} > {tolerance:g}"}
+    return {"err": err, **time_module(module, x, timer)}
+
+
+def time_module(module, x, timer):
+    """{status ok, forward_ms, fwd_bwd_ms} of an RNN module on x, or status error (nn.LSTM in bf16 may not run
+    at all: pytorch #88136)."""
     import torch
     grads = [x, *module.parameters()]
 
@@ -568,10 +621,10 @@ def time_module(name, module, x, timer):
         with torch.no_grad():
             module(x)
     try:
-        return {f"{name}_forward_ms": timer(forward, []).median_ms,
-                f"{name}_fwd_bwd_ms": timer(lambda: module(x)[0].sum().backward(), grads).median_ms}
+        return {"status": "ok", "forward_ms": timer(forward, []).median_ms,
+                "fwd_bwd_ms": timer(lambda: module(x)[0].sum().backward(), grads).median_ms}
     except Exception as e:
-        return {f"{name}_error": one_line(e)}
+        return {"status": f"error: {one_line(e)}"}
 
 
 # ---- summary --------------------------------------------------------------------------------------
@@ -605,7 +658,8 @@ def summary_lines(out, docs):
     lines += ["", "nn.RNN's backend:", ""]
     lines += [f"- {r['dtype']}: {r['backend']} (cudnn.is_acceptable={r['cudnn_is_acceptable']})"
               for r in docs.get("cudnn", {}).get("rows", []) if "backend" in r] or ["- not recorded"]
-    lines += ["", "LSTM / GRU against nn.LSTM / nn.GRU (ms):", ""] + family_lines(docs.get("family", {}))
+    lines += ["", "LSTM / GRU against nn.LSTM / nn.GRU (ms; × nn: nn's time ÷ ours):", ""]
+    lines += family_lines(docs.get("family", {}))
     lines += ["", "Barrier timeouts reported by persistent.check_errors(wait=True) at each phase's end:", ""]
     lines += [f"- {phase}: {doc['check_errors']}" for phase, doc in docs.items() if "check_errors" in doc] or \
         ["- no phase finished"]
@@ -613,16 +667,23 @@ def summary_lines(out, docs):
 
 
 def family_lines(doc):
+    """One line per row of the family phase: the backend auto ran, the error against float64, the times
+    and ours' speedup over nn's module (nn time ÷ ours) of the same cell."""
+    rows = doc.get("rows", [])
+    nn = {r["cell"]: r for r in rows if r.get("backend") == "nn" and r.get("status") == "ok"}
     lines = []
-    for r in doc.get("rows", []):
-        if "cell" not in r:
-            lines.append(f"- {r['status']}")
-            continue
-        times = ", ".join(f"{k.removesuffix('_ms').replace('_', ' ', 1)} {v:.3g}" for k, v in r.items()
-                          if k.endswith("_ms"))
-        errors = "; ".join(f"{k.removesuffix('_error')}: {v}" for k, v in r.items() if k.endswith("_error"))
-        lines.append(f"- {r['cell']} T={doc.get('T')} B={doc.get('B')} H={doc.get('H')} {doc.get('dtype')}: "
-                     + ", ".join(x for x in (r["status"], times, errors) if x))
+    for r in rows:
+        shape = f"T={doc.get('T')} B={doc.get('B')} H={doc.get('H')} {doc.get('dtype')}"
+        ran = f" (ran {r['auto_ran']})" if r["backend"] == "auto" and "auto_ran" in r else \
+            f" ({r['kernel']})" if "kernel" in r else ""
+        parts = [r["status"]] + ([f"err {r['err']:.3g}"] if "err" in r else [])
+        for mode in ("forward", "fwd_bwd"):
+            ms = r.get(f"{mode}_ms")
+            if ms is None:
+                continue
+            base = nn.get(r["cell"], {}).get(f"{mode}_ms") if r["backend"] != "nn" else None
+            parts.append(f"{mode.replace('_', '+')} {ms:.3g}" + (f" ({base / ms:.3g}× nn)" if base else ""))
+        lines.append(f"- {r['cell']} {r['backend']}{ran} {shape}: " + ", ".join(parts))
     return lines or ["- not run"]
 
 

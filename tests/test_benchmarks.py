@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not 
 import benchmarks  # noqa: E402
 from benchmarks import cli, module_rows, report, sweep  # noqa: E402
 from benchmarks.measure import ROW_METADATA, make_timer, rotation_count  # noqa: E402
-from benchmarks.providers import FAMILY_INTERPRETER_PROVIDERS, FAMILY_PROVIDERS, PROVIDERS, Provider, Shape  # noqa: E402
+from benchmarks.providers import (FAMILY_INTERPRETER_PROVIDERS, FAMILY_PROVIDERS, PROVIDERS, Provider,  # noqa: E402
+                                  Shape)
 from elman_triton import elman_rnn_reference, persistent  # noqa: E402
 from elman_triton.config import padded  # noqa: E402
 from elman_triton.family_ops import GATES as FAMILY_GATES  # noqa: E402

@@ -25,7 +25,6 @@ pytest.importorskip("matplotlib")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks/ is a folder of the repository, not an installed package
 
-import elman_triton  # noqa: E402
 from benchmarks import gpu_phases  # noqa: E402
 
 PHASES = ["environment", "correctness", "barrier", "variants", "standard", "cudnn", "family", "summary"]
@@ -62,8 +61,8 @@ def test_gpu_session_dry_run_rehearses_every_phase(tmp_path):
     """bash benchmarks/gpu_session.sh --dry-run with a pip that fails: the session goes on from the
     PYTHONPATH layout (the environment phase imports elman_triton and its kernels from there, not
     from the checkout), every phase's Python runs on CPU at tiny sizes, GPU-only calls become
-    'skipped: no GPU' rows, the family phase says 'not available' while there is no
-    elman_triton.LSTM, every phase ends with persistent.check_errors, the summary comes last, and
+    'skipped: no GPU' rows, the family phase runs every row (the Triton backends in the interpreter),
+    every phase ends with persistent.check_errors, the summary comes last, and
     $OUT gets the whole results folder as one archive (the device tool returns at most 8 files)."""
     python = tmp_path / "python"
     python.write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && {{ echo "pip: simulated failure" >&2; exit 1; }}\n'
@@ -95,12 +94,15 @@ def test_gpu_session_dry_run_rehearses_every_phase(tmp_path):
     assert (results / "standard" / "results.json").exists() and (results / "cudnn-fp16" / "results.json").exists()
     (standard,) = docs["standard"]["rows"]
     assert standard["status"] == "exit 0" and standard["complete"] and len(standard["targets"]) == 6
-    if not hasattr(elman_triton, "LSTM"):
-        assert [r["status"] for r in docs["family"]["rows"]] == ["not available: elman_triton has no LSTM yet"]
+    # the family's rows rehearsed: ours on auto (torch's native kernel here), stepwise and persistent (in the
+    # interpreter) checked against float64 and timed beside nn's modules
+    family = docs["family"]["rows"]
+    assert [(r["cell"], r["backend"]) for r in family] == gpu_phases.FAMILY_ROWS
+    assert all(r["status"] == "ok" and r["auto_ran"] == "native" and r["fwd_bwd_ms"] > 0 for r in family), family
     assert not (results / gpu_phases.PROCESS_GROUPS).exists()  # swept after every phase
     summary = (results / "summary.md").read_text()
     assert "DRY RUN" in summary and "| variants | 0 |" in summary and "NOT MEASURED" in summary
-    assert "- standard: none" in summary
+    assert "- standard: none" in summary and "- GRU persistent (small-H kernel) T=4 B=2 H=16 fp32: ok" in summary
     assert sorted(p.name for p in out.iterdir()) == ["gpu-session.tar.gz", "phases.tsv", "summary.md"]
     with tarfile.open(out / "gpu-session.tar.gz") as archive:
         packed = {Path(name).as_posix().removeprefix("./") for name in archive.getnames()}
@@ -194,18 +196,45 @@ def test_correctness_runs_the_persistent_barrier_and_capture_tests_first():
     assert gpu_phases.STANDARD_ORDER[:2] == ["--batch", "16"] and "1024" == gpu_phases.STANDARD_ORDER[6]
 
 
-def test_family_phase_compares_with_nn_when_the_package_has_the_cells(tmp_path, monkeypatch):
-    """With elman_triton.LSTM / GRU present (stood in for here by nn's own modules) the family phase
-    checks each against float64 and times it beside nn; without them it says 'not available'."""
-    monkeypatch.setattr(elman_triton, "LSTM", torch.nn.LSTM, raising=False)
-    monkeypatch.setattr(elman_triton, "GRU", torch.nn.GRU, raising=False)
-    gpu_phases.phase_family(phase_args(tmp_path, limit=60))
+def test_family_phase_times_every_backend_and_says_what_auto_ran(tmp_path, monkeypatch):
+    """The family phase (dry run: fp32, tiny, the Triton backends in the interpreter): one row per cell and
+    backend in FAMILY_ROWS' order (auto and nn for both cells first), ours checked against float64 and timed
+    beside nn.LSTM / nn.GRU, each row naming the backend auto ran (torch's native kernel on CPU); persistent
+    on its small-H kernel, or 'unsupported' with the launcher's ValueError where its kernels do not hold the
+    cell (here the LSTM, its limits made 0); the summary has a line per row with the ratio to nn."""
+    from benchmarks.sweep import TOLERANCE
+    from elman_triton import persistent
+    from elman_triton.config import INTERPRETED
+    monkeypatch.setitem(persistent.CELL_SMALL_H_MAX[4], torch.float32, 0)
+    monkeypatch.setitem(persistent.CELL_LARGE_H_MAX[4], torch.float32, 0)
+    gpu_phases.phase_family(phase_args(tmp_path, limit=120))
     doc = json.loads((tmp_path / "family.json").read_text())
-    assert [r["cell"] for r in doc["rows"]] == ["LSTM", "GRU"] and doc["complete"], doc
-    for r in doc["rows"]:
-        assert r["status"] == "ok" and r["err_ours"] < 1e-6, r
-        assert all(r[f"{who}_{mode}_ms"] > 0 for who in ("ours", "nn") for mode in ("forward", "fwd_bwd")), r
-    monkeypatch.delattr(elman_triton, "LSTM")
-    gpu_phases.phase_family(phase_args(tmp_path, limit=60))
+    assert doc["complete"] and doc["check_errors"] == "none", doc
+    rows = {(r["cell"], r["backend"]): r for r in doc["rows"]}
+    assert list(rows) == gpu_phases.FAMILY_ROWS == [("LSTM", "auto"), ("LSTM", "nn"), ("GRU", "auto"), ("GRU", "nn"),
+                                                    ("LSTM", "stepwise"), ("LSTM", "persistent"),
+                                                    ("GRU", "stepwise"), ("GRU", "persistent")]
+    assert all(r["auto_ran"] == "native" for r in rows.values()), rows
+    lstm = rows["LSTM", "persistent"]
+    assert lstm["status"].startswith("unsupported: ValueError: backend='persistent' does not hold the LSTM at H=16")
+    assert "err" not in lstm and rows["GRU", "persistent"]["kernel"] == "small-H kernel"
+    for key, r in rows.items():
+        if key == ("LSTM", "persistent"):
+            continue
+        if key[1] in ("stepwise", "persistent") and not INTERPRETED:  # a GPU machine's test process
+            assert r["status"].startswith(gpu_phases.SKIPPED), r
+            continue
+        assert r["status"] == "ok" and r["err"] <= TOLERANCE["fp32"], r
+        assert r["forward_ms"] > 0 and r["fwd_bwd_ms"] > 0, r
+    lines = gpu_phases.family_lines(doc)
+    assert lines[0].startswith("- LSTM auto (ran native) T=4 B=2 H=16 fp32: ok, err ") and "× nn)" in lines[0]
+    assert lines[5].startswith("- LSTM persistent (large-H kernel) T=4 B=2 H=16 fp32: unsupported: ValueError")
+
+
+def test_family_phase_rows_past_the_limit_are_not_run(tmp_path, monkeypatch):
+    """A family phase out of time runs no row: each says so, and the phase still ends with the barrier check."""
+    monkeypatch.setattr(gpu_phases, "PHASE_SLACK_S", 0.0)
+    gpu_phases.phase_family(phase_args(tmp_path, limit=1e-6))
     doc = json.loads((tmp_path / "family.json").read_text())
-    assert [r["status"] for r in doc["rows"]] == ["not available: elman_triton has no LSTM yet"]
+    assert doc["complete"] and [(r["cell"], r["backend"]) for r in doc["rows"]] == gpu_phases.FAMILY_ROWS
+    assert {r["status"] for r in doc["rows"]} == {"not run: the phase's time is up"}
