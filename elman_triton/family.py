@@ -11,8 +11,9 @@ elman_triton.modules (record_state_gradients): its buffers go to run_cell_layer'
 directions, T, B) for the LSTM (h and c).
 
 Every layer is one call of the layer op (both directions in each launch), picked by `backend` ("auto",
-"stepwise", "persistent", "reference"; "persistent" is the small-H kernel, within
-persistent.CELL_SMALL_H_MAX, else ValueError; "auto" on CUDA uses it within those limits). PackedSequence input
+"stepwise", "persistent", "reference"; "persistent" is the small-H kernel within
+persistent.CELL_SMALL_H_MAX, the large-H kernel within CELL_LARGE_H_MAX, else ValueError; "auto" on CUDA
+uses it where persistent.cell_supports holds the cell). PackedSequence input
 runs as one padded, length-sorted batch with the rows' lengths handed to the kernels (modules._PackedBatch),
 batch_first input through strides, and under autocast the op runs in autocast's dtype (as ElmanRNN).
 LSTM with proj_size > 0 runs the reference loop on the Triton backends (see family_ops).
