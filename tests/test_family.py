@@ -236,10 +236,14 @@ def test_errors():
         LSTM(3, 4, proj_size=4)
     with pytest.raises(ValueError, match="Unknown backend"):
         LSTM(3, 4, backend="cudnn")
-    for cls, H, dtype, limit in ((LSTM, 17, F64, 16), (GRU, 33, F64, 32), (LSTM, 33, torch.float32, 32)):
+    # Beyond both persistent kernels (persistent.CELL_SMALL_H_MAX, CELL_LARGE_H_MAX: next_pow2(H) of the large
+    # one), raised by the module's forward before any launch; the limits themselves: test_family_large.py.
+    for cls, H, dtype, small, large in ((LSTM, 65, F64, 16, 64), (GRU, 129, F64, 32, 128),
+                                        (LSTM, 129, torch.float32, 32, 128)):
         with pytest.raises(ValueError, match=f"persistent' does not hold the {cls.__name__} at H={H} in {dtype}: "
-                                             f"its small-H kernel holds H ≤ {limit} .*persistent-large kernel takes "
-                                             "only the Elman cell; use backend='stepwise' or 'auto'"):
+                                             f"its small-H kernel holds H ≤ {small} and its large-H kernel "
+                                             f"next_pow2\\(H\\) ≤ {large} in {dtype} .*; use backend='stepwise' or "
+                                             "'auto'"):
             cls(3, H, dtype=dtype, backend="persistent")(torch.randn(2, 1, 3, dtype=dtype))
     lstm_module = LSTM(3, 4)
     with pytest.raises(ValueError, match="LSTM: Expected input to be 2D or 3D, got 4D"):
@@ -320,15 +324,26 @@ def test_autocast_runs_in_its_dtype(device):
         assert rel_err(a, b) <= 2e-2
 
 
+# H at which backend="auto" on CUDA runs each kernel, per storage dtype: within persistent.CELL_SMALL_H_MAX the
+# small-H kernel, within CELL_LARGE_H_MAX (next_pow2(H)) the large-H one, beyond it stepwise.
+CUDA_H = {"persistent-small": {torch.float32: 24, torch.bfloat16: 24},
+          "persistent-large": {torch.float32: 100, torch.bfloat16: 200},
+          "stepwise": {torch.float32: 200, torch.bfloat16: 1100}}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("H", [200, 24], ids=["stepwise", "persistent"])
+@pytest.mark.parametrize("kernel", CUDA_H)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("nn_cls", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
-def test_cuda_auto_matches_float64(nn_cls, dtype, H):
+def test_cuda_auto_matches_float64(nn_cls, dtype, kernel):
     """On CUDA, backend="auto", compiled for the GPU, both directions: values and every gradient against nn in
-    float64. H = 200: the stepwise kernels (several column tiles); H = 24: the persistent small-H kernel
-    (within persistent.CELL_SMALL_H_MAX for fp32 and bf16)."""
-    T, B, D = 7, 19, 24
+    float64, on each of the kernels auto picks (CUDA_H; the H asserted to select it)."""
+    from elman_triton import persistent
+    from elman_triton.config import next_power_of_2
+
+    T, B, D, H, G = 7, 19, 24, CUDA_H[kernel][dtype], 4 if nn_cls is nn.LSTM else 3
+    assert persistent.cell_supports(G, H, dtype) == (kernel != "stepwise")
+    assert (next_power_of_2(H) <= persistent.CELL_SMALL_H_MAX[G][dtype]) == (kernel == "persistent-small")
     ref = nn_cls(D, H, bidirectional=True, dtype=F64, device="cuda")
     ours = OURS[nn_cls](D, H, bidirectional=True, dtype=dtype, device="cuda")
     ours.load_state_dict(ref.state_dict())
