@@ -27,7 +27,7 @@ import benchmarks  # noqa: E402
 from benchmarks import cli, module_rows, report, sweep  # noqa: E402
 from benchmarks.measure import ROW_METADATA, make_timer, rotation_count  # noqa: E402
 from benchmarks.providers import (FAMILY_INTERPRETER_PROVIDERS, FAMILY_PROVIDERS, PROVIDERS, Provider,  # noqa: E402
-                                  Shape)
+                                  Shape, family_auto_backend)
 from elman_triton import elman_rnn_reference, persistent  # noqa: E402
 from elman_triton.config import padded  # noqa: E402
 from elman_triton.family_ops import GATES as FAMILY_GATES  # noqa: E402
@@ -57,7 +57,8 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
     assert len(rows) == len(providers) * 3
     with (out / "results.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(all_rows)
-    check_family_rows([r for r in all_rows if r["cell"] != "elman"], doc["targets"], proc.stdout)
+    check_family_rows([r for r in all_rows if r["cell"] != "elman"], doc["targets"], proc.stdout,
+                      (out / "summary.md").read_text())
     for row in all_rows:
         assert all(key in row for key in ROW_METADATA)
         assert row["torch"] == torch.__version__ and row["device"] and row["git_commit"]
@@ -100,7 +101,7 @@ def test_cli_run_writes_every_output_with_metadata(tmp_path):
         assert doc["interpreter_rows"] == []
 
 
-def check_family_rows(rows, targets, stdout):
+def check_family_rows(rows, targets, stdout, summary):
     """The LSTM and GRU rows (--family default: all): nn.LSTM / nn.GRU and ours (auto) in forward and fwd+bwd
     at the sweep's shape (on CPU only its largest), all verified against nn's module in float64 (the LSTM's
     c_n too) and timed; on CPU auto is nn's own kernel (no speedup), the anchor target is not evaluated."""
@@ -108,6 +109,12 @@ def check_family_rows(rows, targets, stdout):
     assert {(r["provider"], r["cell"]) for r in rows} == expected
     assert {r["mode"] for r in rows} == {"forward", "fwd_bwd"}
     for r in rows:
+        if r["provider"].endswith("_auto"):  # what auto ran, in the JSON and the summary's table
+            module = f"elman_triton.family.{r['cell'].upper()}(backend='auto')"
+            ran = family_auto_backend(Shape(r["dtype"], r["T"], r["B"], r["H"], r["D"], r["cell"]),
+                                      torch.device("cuda" if CUDA else "cpu"))
+            assert r["backend"] == f"{module} -> " + (ran if CUDA else f"torch.{r['cell']}, native CPU kernel"), r
+            assert f"| {r['backend']} |" in summary
         if CUDA and r["T"] != 8:  # the LSTM anchor shape, timed only if bf16 is in the run
             continue
         assert r["status"] == "ok", r
