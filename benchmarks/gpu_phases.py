@@ -316,7 +316,8 @@ def phase_correctness(args):
 # ---- barrier --------------------------------------------------------------------------------------
 
 def phase_barrier(args):
-    """µs per grid barrier, old (count) and new (flip) scheme, at 16..132 programs."""
+    """µs per grid barrier, old (count) and new (flip) scheme, at 16..132 programs (as many as the GPU has SMs)."""
+    import torch
     from elman_triton import persistent
     device = gpu_device(args.dry_run)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132

@@ -238,3 +238,19 @@ def test_family_phase_rows_past_the_limit_are_not_run(tmp_path, monkeypatch):
     doc = json.loads((tmp_path / "family.json").read_text())
     assert doc["complete"] and [(r["cell"], r["backend"]) for r in doc["rows"]] == gpu_phases.FAMILY_ROWS
     assert {r["status"] for r in doc["rows"]} == {"not run: the phase's time is up"}
+
+
+def test_barrier_phase_on_a_gpu_measures_up_to_its_sm_count(tmp_path, monkeypatch):
+    """The barrier phase off the dry run (a GPU of 64 SMs, the measurement stood in for): one row per scheme and
+    group size up to the SM count, each with its µs. (It once read the SM count through a torch it had not
+    imported: a NameError on every GPU, which the dry run never reached.)"""
+    from types import SimpleNamespace
+    from elman_triton import persistent
+    monkeypatch.setattr(gpu_phases, "gpu_device", lambda dry_run: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=64))
+    monkeypatch.setattr(persistent, "barrier_latency_us", lambda device, n_programs, iters, scheme: n_programs / 64)
+    gpu_phases.phase_barrier(phase_args(tmp_path, limit=10, dry_run=False))
+    doc = json.loads((tmp_path / "barrier.json").read_text())
+    assert doc["complete"] and doc["sms"] == 64, doc
+    assert [(r["scheme"], r["programs"], r["status"], r["us"]) for r in doc["rows"]] == [
+        (scheme, n, "ok", n / 64) for scheme in gpu_phases.BARRIER_SCHEMES for n in (16, 32, 64)]
