@@ -2,9 +2,10 @@
 
 - double backward (create_graph=True) through the kernels' backward against torch.nn.LSTM / nn.GRU's own
   double backward (CPU, float64): the gradient of a gradient, for every input (x, h0, c0) and weight;
-  eval-mode backward of the modules;
-- state_grad_norms (‖∂L/∂h_t‖, and the LSTM's ‖∂L/∂c_t‖, from the backward the op already runs) against a
-  float64 loop over the references' steps with retain_grad on every state, on every backend.
+- state_grad_norms (‖∂L/∂h_t‖, and the LSTM's ‖∂L/∂c_t‖, from the backward the op already runs) at the op
+  level: record_state_gradients' buffers and views, fullgraph torch.compile, the functional ops' buffers
+  and errors, proj_size. The norms through the modules on every backend against a retain_grad loop, and
+  eval-mode backward: tests/test_family_modules.py.
 
 Tiny odd shapes (H and B not powers of two, T = 1): the kernels run in Triton's interpreter without CUDA.
 """
@@ -13,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from elman_triton.family import GRU, LSTM, GRUCell, LSTMCell
+from elman_triton.family import LSTM
 from elman_triton.family_ops import gru, lstm, run_cell_layer
-from elman_triton.reference import gru_reference, lstm_reference
+from elman_triton.reference import lstm_reference
 from utils import rel_err
 
 F64 = torch.float64
@@ -28,12 +29,6 @@ def rand(*shape, device):
 
 def nn_layer(cell, device, **kwargs):
     return NN[cell](dtype=F64, device=device, bidirectional=True, **kwargs)
-
-
-def weights_of(layer):
-    """run_cell_layer's per-kind weight tuples (w_ih, w_hh, b_ih, b_hh), each one tensor per direction."""
-    params = list(layer.parameters())
-    return [tuple(params[k::4]) for k in range(4)]
 
 
 def cotangent(t, generator):
@@ -110,100 +105,7 @@ def check_double_backward(cell, backend, case, device):
         assert rel_err(a, b) <= 1e-10, f"second-order {name}: {rel_err(a, b):.2e}"
 
 
-@pytest.mark.parametrize("cls", [LSTM, GRU], ids=["LSTM", "GRU"])
-def test_eval_mode_backward_matches_nn(cls, device):
-    """A two-layer module with dropout in eval mode (dropout off): the backward runs and gives nn's gradients."""
-    nn_cls = nn.LSTM if cls is LSTM else nn.GRU
-    ref = nn_cls(3, 5, num_layers=2, dropout=0.5, dtype=F64, device=device).eval()
-    ours = cls(3, 5, num_layers=2, dropout=0.5, dtype=F64, device=device, backend="stepwise").eval()
-    ours.load_state_dict(ref.state_dict())
-    x = rand(2, 3, 3, device=device)
-    grads = [torch.autograd.grad(m(x)[0].square().sum(), [x, *m.parameters()]) for m in (ref, ours)]
-    for a, b in zip(grads[1], grads[0]):
-        assert rel_err(a, b) <= 1e-12
-
-
 # ------------------------------------------------------------------------------------ state gradients
-
-def loop_state_gradients(cell, x, lengths, layers, cotangents):
-    """The oracle: nn's two-layer bidirectional maths as a loop of the references' single steps, every
-    state (h_t, and c_t for the LSTM) a tensor of its own with retain_grad; returns per layer the
-    (2 or 1, dirs, T, B) norms of their gradients (0 at padding steps) after one backward."""
-    T, B = x.shape[:2]
-    active = torch.arange(T).unsqueeze(1) < lengths  # (T, B)
-    states, outs = [], []
-    inp = x
-    for w_ih, w_hh, b_ih, b_hh, h0, c0 in layers:
-        ys, per_dir = [], []
-        for d in range(2):
-            h, c = h0[d], c0[d]
-            y, kept = [None] * T, [None] * T
-            for t in (reversed(range(T)) if d else range(T)):
-                step = inp[t:t + 1]
-                if cell == "lstm":  # each step's own states (h_t depends on this c_t, not on the kept one)
-                    _, h_new, c_new = lstm_reference(step, h, c, w_ih[d], w_hh[d], b_ih[d], b_hh[d])
-                    c = torch.where(active[t, :, None], c_new, c)
-                    kept[t] = (h_new, c_new)
-                else:
-                    _, h_new = gru_reference(step, h, w_ih[d], w_hh[d], b_ih[d], b_hh[d])
-                    kept[t] = (h_new,)
-                for s in kept[t]:
-                    s.retain_grad()
-                h = torch.where(active[t, :, None], h_new, h)
-                y[t] = torch.where(active[t, :, None], h, 0.0)
-            ys.append(torch.stack(y))
-            per_dir.append(kept)
-            outs += [h] + ([c] if cell == "lstm" else [])
-        inp = torch.cat(ys, dim=2)
-        states.append(per_dir)
-    outs.append(inp)
-    sum((o * w).sum() for o, w in zip(outs, cotangents)).backward()
-    norms = []
-    for per_dir in states:
-        kinds = len(per_dir[0][0])
-        n = torch.stack([torch.stack([torch.stack([s[k].grad.norm(dim=1) for s in per_dir[d]]) for d in range(2)])
-                         for k in range(kinds)])  # (kinds, dirs, T, B)
-        norms.append(n * active)
-    return norms
-
-
-@pytest.mark.parametrize("backend", ["reference", "auto", "stepwise", "persistent"])
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_state_gradient_norms_match_loop(cell, backend, device):
-    """run_cell_layer(state_grad_norms=...) in two bidirectional layers with lengths (packed input, as the
-    modules run it): the norms the backward writes, against the retain_grad loop's, and nothing
-    written before the backward."""
-    T, B, D, H = 4, 3, 2, 5
-    G = 4 if cell == "lstm" else 3
-    lengths = torch.tensor([4, 1, 3])
-    x = torch.randn(T, B, D, dtype=F64)
-    layers = [(*weights_of(nn_layer(cell, "cpu", input_size=d_in, hidden_size=H)), torch.randn(2, B, H, dtype=F64),
-               torch.randn(2, B, H, dtype=F64)) for d_in in (D, 2 * H)]
-    g = torch.Generator().manual_seed(3)
-    cotangents = [cotangent(torch.empty(B, H), g) for _ in range(2 * 2 * (G == 4) + 2 * 2)] + \
-        [cotangent(torch.empty(T, B, 2 * H), g)]
-    expected = loop_state_gradients(cell, x, lengths, [[[t.detach().requires_grad_() for t in w]
-                                                        if isinstance(w, tuple) else w.requires_grad_()
-                                                        for w in layer] for layer in layers], cotangents)
-
-    shape = (2, 2, T, B) if cell == "lstm" else (2, T, B)
-    buffers = [torch.zeros(shape, dtype=torch.float32, device=device) for _ in layers]
-    inp, outs = x.to(device).requires_grad_(), []
-    for (w_ih, w_hh, b_ih, b_hh, h0, c0), buf in zip(layers, buffers):
-        w = [tuple(t.to(device).requires_grad_() for t in ws) for ws in (w_ih, w_hh, b_ih, b_hh)]
-        inp, (h_n, c_n) = run_cell_layer(cell, inp, h0.to(device).requires_grad_(),
-                                         c0.to(device).requires_grad_() if cell == "lstm" else None, *w,
-                                         backend=backend, lengths=lengths.to(device), state_grad_norms=buf)
-        for d in range(2):
-            outs += [h_n[d]] + ([c_n[d]] if cell == "lstm" else [])
-    outs.append(inp)
-    assert all(not buf.any() for buf in buffers)
-    sum((o * w.to(device)).sum() for o, w in zip(outs, cotangents)).backward()
-    for k, (got, want) in enumerate(zip(buffers, expected)):
-        want = want if cell == "lstm" else want[0]
-        assert rel_err(got, want) <= 1e-6, f"layer {k}: {rel_err(got, want):.2e}"
-        assert (got[..., 1:, 1] == 0).all()  # row 1 has one step: the rest is padding
-
 
 def test_recorder_buffers_and_views(device):
     """record_state_gradients' side of the hook protocol for the LSTM, driven as the modules drive it (one
@@ -276,43 +178,6 @@ def test_functional_ops_state_gradient_norms(cell, device):
     with pytest.raises(TypeError, match="state_grad_norms must be float32"):
         op(x, None, *w, backend="stepwise", batch_first=True,
            state_grad_norms=torch.zeros(shape, dtype=F64, device=device))
-
-
-@pytest.mark.parametrize("backend", ["auto", "stepwise", "persistent"])
-@pytest.mark.parametrize("cls", [LSTM, GRU, LSTMCell, GRUCell], ids=["LSTM", "GRU", "LSTMCell", "GRUCell"])
-def test_record_state_gradients_of_modules(cls, backend, device):
-    """diagnostics.record_state_gradients on the modules: a two-layer bidirectional LSTM / GRU on packed
-    input (rows unsorted), and three calls of a cell; the per-row norms of h (and the LSTM's c) against the
-    reference backend's, whose hooks the retain_grad loop above checks."""
-    from elman_triton.diagnostics import record_state_gradients
-
-    cell = cls in (LSTMCell, GRUCell)
-    results = []
-    for b in (backend, "reference"):
-        torch.manual_seed(0)
-        if cell:
-            module = cls(2, 5, dtype=F64, device=device, backend=b)
-        else:
-            module = cls(2, 5, num_layers=2, bidirectional=True, dtype=F64, device=device, backend=b)
-        with record_state_gradients(module, per_sample=True) as rec:
-            if cell:
-                state = None
-                for _ in range(3):
-                    state = module(torch.randn(3, 2, dtype=F64, device=device), state)
-                outs = list(state) if isinstance(state, tuple) else [state]
-            else:
-                x = torch.randn(4, 3, 2, dtype=F64, device=device)
-                y, hidden = module(pack_padded_sequence(x, torch.tensor([2, 4, 3]), enforce_sorted=False))
-                outs = [y.data, *(hidden if isinstance(hidden, tuple) else (hidden,))]
-            g = torch.Generator().manual_seed(1)
-            sum((o * cotangent(o, g)).sum() for o in outs).backward()
-            results.append([rec.per_sample] + ([rec.cell_per_sample] if cls in (LSTM, LSTMCell) else []))
-            if cls in (GRU, GRUCell):
-                with pytest.raises(AttributeError, match="LSTM"):
-                    rec.cell_norms
-    for got, want in zip(*results):
-        assert got.shape == want.shape and rel_err(got, want) <= 1e-6
-        assert want.abs().sum() > 0
 
 
 def test_state_gradient_norms_with_proj_size(device):

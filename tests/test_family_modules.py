@@ -12,8 +12,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from elman_triton.diagnostics import record_state_gradients
 from elman_triton.family import GRU, LSTM, GRUCell, LSTMCell
+from elman_triton.reference import gru_reference, lstm_reference
 from test_family import assert_same, flat, twins
-from test_family_grad import loop_state_gradients
 from test_module import assert_raises_like
 from utils import TOLERANCE, rel_err
 
@@ -113,7 +113,7 @@ def test_cell_errors_match_torch(nn_cls, case):
     assert_raises_like(lambda: ours(*inputs), lambda: ref(*inputs), match)
 
 
-# --- Determinism, autocast, eval-mode backward, CUDA graphs --------------------------------------------
+# --- Determinism, autocast, eval-mode backward ---------------------------------------------------------
 
 
 def states(lstm, shape, device, dtype=F64):
@@ -157,7 +157,7 @@ def test_forward_and_backward_are_deterministic(cls, backend, device):
 def test_autocast_bf16(nn_cls, device):
     """Under autocast (bf16) the op runs in autocast's dtype, as nn's modules do: bf16 outputs and states,
     close to nn's fp32 module outside autocast; the gradients reach the fp32 inputs and parameters in fp32,
-    close to nn's."""
+    close to nn's. Without hx too (the zero state the module makes)."""
     cell = nn_cls in (nn.LSTMCell, nn.GRUCell)
     ref = nn_cls(D, H, device=device, **({} if cell else dict(bidirectional=True)))
     ours = OURS[nn_cls](D, H, device=device, backend="stepwise", **({} if cell else dict(bidirectional=True)))
@@ -171,6 +171,13 @@ def test_autocast_bf16(nn_cls, device):
     assert [g.dtype for g in grads] == [torch.float32] * len(want_grads)
     for i, (a, b) in enumerate(zip(outs + grads, want + want_grads)):
         assert rel_err(a, b) <= TOLERANCE[torch.bfloat16], i
+    with torch.no_grad():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            outs = flat(ours(x))
+        want = flat(ref(x))
+    assert [t.dtype for t in outs] == [torch.bfloat16] * len(want)
+    for i, (a, b) in enumerate(zip(outs, want)):
+        assert rel_err(a, b) <= TOLERANCE[torch.bfloat16], f"no hx: {i}"
 
 
 @pytest.mark.parametrize("backend", ["stepwise", "persistent"])
@@ -193,12 +200,61 @@ def test_backward_in_eval_mode(nn_cls, backend, device):
     assert_same(ref, ours, packed_input)
 
 
-@pytest.mark.parametrize("backend", ["stepwise", "persistent"])
+# --- record_state_gradients through the modules, against retain_grad on every state -----------------------
+
+BACKENDS = ["reference", "auto", "stepwise", "persistent"]
+
+
+def loop_state_gradients(cell, x, lengths, layers, cotangents):
+    """The oracle: nn's two-layer bidirectional maths as a loop of the references' single steps, every
+    state (h_t, and c_t for the LSTM) a tensor of its own with retain_grad; returns per layer the
+    (2 or 1, dirs, T, B) norms of their gradients (0 at padding steps) after one backward."""
+    T, B = x.shape[:2]
+    active = torch.arange(T).unsqueeze(1) < lengths  # (T, B)
+    states, outs = [], []
+    inp = x
+    for w_ih, w_hh, b_ih, b_hh, h0, c0 in layers:
+        ys, per_dir = [], []
+        for d in range(2):
+            h, c = h0[d], c0[d]
+            y, kept = [None] * T, [None] * T
+            for t in (reversed(range(T)) if d else range(T)):
+                step = inp[t:t + 1]
+                if cell == "lstm":  # each step's own states (h_t depends on this c_t, not on the kept one)
+                    _, h_new, c_new = lstm_reference(step, h, c, w_ih[d], w_hh[d], b_ih[d], b_hh[d])
+                    c = torch.where(active[t, :, None], c_new, c)
+                    kept[t] = (h_new, c_new)
+                else:
+                    _, h_new = gru_reference(step, h, w_ih[d], w_hh[d], b_ih[d], b_hh[d])
+                    kept[t] = (h_new,)
+                for s in kept[t]:
+                    s.retain_grad()
+                h = torch.where(active[t, :, None], h_new, h)
+                y[t] = torch.where(active[t, :, None], h, 0.0)
+            ys.append(torch.stack(y))
+            per_dir.append(kept)
+            outs += [h] + ([c] if cell == "lstm" else [])
+        inp = torch.cat(ys, dim=2)
+        states.append(per_dir)
+    outs.append(inp)
+    sum((o * w).sum() for o, w in zip(outs, cotangents)).backward()
+    norms = []
+    for per_dir in states:
+        kinds = len(per_dir[0][0])
+        n = torch.stack([torch.stack([torch.stack([s[k].grad.norm(dim=1) for s in per_dir[d]]) for d in range(2)])
+                         for k in range(kinds)])  # (kinds, dirs, T, B)
+        norms.append(n * active)
+    return norms
+
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cls", [LSTM, GRU])
 def test_module_records_state_gradients(cls, backend, device):
-    """record_state_gradients on a two-layer bidirectional module, unsorted packed input with hx: each
-    layer's buffer reaches its layer's op, rows come back in the caller's order, and the norms (h, and the
-    LSTM's c) equal a float64 loop of single steps with retain_grad on every state (test_family_grad)."""
+    """record_state_gradients on a two-layer bidirectional module, unsorted packed input with hx, on every
+    backend: each layer's buffer reaches its layer's op, nothing is recorded before the backward, rows come
+    back in the caller's order, and the norms (h, and the LSTM's c; the GRU has none) equal a float64 loop
+    of single steps with retain_grad on every state (loop_state_gradients); padding steps are exactly 0."""
     lstm = cls is LSTM
     module = cls(2, H, num_layers=2, bidirectional=True, dtype=F64, device=device, backend=backend)
     lengths = torch.tensor([3, 1, 4])
@@ -216,21 +272,29 @@ def test_module_records_state_gradients(cls, backend, device):
         out, h_n = module(packed_x, (h0.to(device), c0.to(device)) if lstm else h0.to(device))
         finals = torch.stack(h_n, 1).flatten(0, 1) if lstm else h_n  # (h, c) per layer and direction, as the loop
         y = pad_packed_sequence(out)[0]
+        with pytest.raises(RuntimeError, match="no backward has run"):  # the forward wrote no buffer
+            rec.norms
         (sum((f * w.to(device)).sum() for f, w in zip(finals, cotangents)) + (y * cotangents[-1].to(device)).sum()
          ).backward()
+    if not lstm:
+        with pytest.raises(AttributeError, match="LSTM"):
+            rec.cell_norms
     kinds = [("per_sample", "norms")] + [("cell_per_sample", "cell_norms")] * lstm
     for kind, (per_row, total) in enumerate(kinds):
         expected = torch.cat([w[kind] for w in want])  # (layers · directions, T, B)
         assert rel_err(getattr(rec, per_row), expected) <= 1e-6, per_row
         assert rel_err(getattr(rec, total), expected.norm(dim=2)) <= 1e-6, total
+        assert (getattr(rec, per_row)[:, 1:, 1] == 0).all()  # row 1 has one step: the rest is padding
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("nn_cls", [nn.LSTMCell, nn.GRUCell], ids=["LSTMCell", "GRUCell"])
-def test_cell_records_state_gradients(nn_cls, device):
-    """record_state_gradients on a cell called twice: per call ‖∂L/∂h'‖ (and ‖∂L/∂c'‖), the total
-    derivative through the later call, against nn's cell with retain_grad on each state."""
+def test_cell_records_state_gradients(nn_cls, backend, device):
+    """record_state_gradients on a cell called twice, on every backend: per call ‖∂L/∂h'‖ (and ‖∂L/∂c'‖; the
+    GRUCell has none), the total derivative through the later call, against nn's cell with retain_grad on
+    each state."""
     lstm = nn_cls is nn.LSTMCell
-    ref, ours = twins(nn_cls, "stepwise", device, input_size=D, hidden_size=H)
+    ref, ours = twins(nn_cls, backend, device, input_size=D, hidden_size=H)
     xs = [torch.randn(B, D, dtype=F64, device=device) for _ in range(2)]
     hx = states(lstm, (B, H), device)
     cotangent = torch.randn(B, H, dtype=F64, device=device)
@@ -249,10 +313,13 @@ def test_cell_records_state_gradients(nn_cls, device):
         for x in xs:
             state = ours(x, state)
         ((state[0] if lstm else state) * cotangent).sum().backward()
+    if not lstm:
+        with pytest.raises(AttributeError, match="LSTM"):
+            rec.cell_norms
     kinds = ["per_sample", "cell_per_sample"][:1 + lstm]
     for kind, name in enumerate(kinds):
         want = torch.stack([(s[kind] if lstm else s).grad.norm(dim=1) for s in per_call[0]])[None]  # (1, 2, B)
-        assert rel_err(getattr(rec, name), want) <= 1e-6, name
+        assert want.all() and rel_err(getattr(rec, name), want) <= 1e-6, name
 
 
 @pytest.mark.parametrize("cls", [LSTM, LSTMCell], ids=["LSTM", "LSTMCell"])
@@ -276,6 +343,9 @@ def test_compiled_module_records_eagerly(cls, device):
     torch.compiler.reset()
     for got, want in zip([rec.norms, rec.cell_norms], eager):
         assert (want > 0).all() and torch.equal(got, want)
+
+
+# --- CUDA graphs ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
