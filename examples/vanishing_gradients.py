@@ -19,9 +19,9 @@ status 1 if the bound is broken where the condition holds.
 Beside them, at the same H and with the same loss and training, the LSTM and GRU (elman_triton.family,
 torch's default init; --cells): their ‖∂L/∂h_t‖, and the LSTM's ‖∂L/∂c_t‖, the cell state whose
 gradient the forget gate carries (c_{t+1} = f ⊙ c_t + i ⊙ g, so ∂c_{t+1}/∂c_t = diag(f), no W_hh).
-record_state_gradients takes ElmanRNN only, so for these two the norms come from a differentiable step
-loop of LSTMCell / GRUCell on the layer's own parameters with retain_grad() on every h_t and c_t
-(adding_problem.gated_state_gradients); Pascanu's bound is not checked for them (their Jacobian is not
+Every model's norms come from the package's research tool, elman_triton.record_state_gradients, out of
+the backward the layer runs anyway: rec.norms for h, and for the LSTM rec.cell_norms for c
+(state_gradients below). Pascanu's bound is not checked for the gated cells (their Jacobian is not
 diag(act') W_hh). The right-hand column of the figure draws them beside tanh and relu Elman at ρ = 1.
 
     python examples/vanishing_gradients.py            # T = 100, H = 100; the init part takes seconds
@@ -36,15 +36,27 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from adding_problem import COLORS, GATED, Adder, make_batch, state_gradients  # noqa: E402
+from adding_problem import COLORS, GATED, Adder, make_batch  # noqa: E402
 
-from elman_triton import init  # noqa: E402
+from elman_triton import init, record_state_gradients  # noqa: E402
+from elman_triton.family import LSTM  # noqa: E402
 
 RHOS = (0.5, 0.9, 1.0, 1.1, 1.5)
 GAMMA = {"tanh": 1.0, "relu": 1.0}  # sup |act'|
 SLACK = 1e-3  # fp32 rounding in the measured norms, relative to the rate
 FLOOR = 1e-30  # ratios below this are fp32 underflow, not a measured decay (decay_rates ignores them too)
 RECORDED = "vanishing_gradients_cells.md (T = 100, H = 100: tanh and relu Elman, LSTM, GRU)"
+
+
+def state_gradients(model, x, target):
+    """(test MSE, ‖∂L/∂h_t‖ for every t, the LSTM's ‖∂L/∂c_t‖ for every t or None) of an Adder's layer,
+    norms over batch and hidden units, from record_state_gradients for every cell (the Elman ones, the
+    GRU, and the LSTM with .cell_norms). The parameters' gradients it leaves are cleared."""
+    with record_state_gradients(model.rnn) as rec:
+        loss = nn.functional.mse_loss(model(x), target)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return loss.item(), rec.norms[0].tolist(), rec.cell_norms[0].tolist() if isinstance(model.rnn, LSTM) else None
 
 
 def decay_rates(norms):
@@ -109,8 +121,8 @@ def report(rows, args, out):
     settings = (f"T = {args.T}, H = {args.hidden}, {args.test_size} test sequences of the adding problem (loss on "
                 f"the last state only); training: {args.steps} Adam steps, lr {args.lr}, batch {args.batch}, "
                 f"clip {args.clip}; backend {args.backend!r} on {args.device}; seed {args.seed}. Rates are of "
-                "‖∂L/∂h_t‖ per step back in time; the Elman cells' from record_state_gradients, the LSTM's and GRU's "
-                "from a step loop of LSTMCell / GRUCell with retain_grad() on every h_t and c_t.")
+                "‖∂L/∂h_t‖ (and the LSTM's ‖∂L/∂c_t‖) per step back in time, every model's from "
+                "elman_triton.record_state_gradients (.norms, the LSTM's .cell_norms).")
     plt = _common.write_results(out, "vanishing_gradients", "Vanishing gradients", [settings, (header, table)],
                                 dict(args=vars(args), rows=rows), args.smoke)
     if plt is None:
