@@ -36,7 +36,13 @@ DEVICE_PROPERTIES = {"max_num_regs": 65536, "max_shared_mem": 232448, "multiproc
 
 
 class FakeCompiled(SimpleNamespace):
-    """What the launchers read from a compiled kernel (registers, shared memory), and its launch."""
+    """What the launchers read from a compiled kernel (registers, shared memory, the handles that
+    config.bound_launch passes to Triton's launcher), and its launch: the launcher itself (`run`) or
+    Triton's runner (compiled[grid])."""
+    function, packed_metadata = None, None
+
+    def run(self, *args):
+        pass
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
