@@ -14,7 +14,7 @@
 # (old and new barrier, 16..132 programs); the large-H kernel's variants (BN, warps, K split; bf16,
 # T=1024, B ∈ {16,64,1}, H ∈ {1024,2048}); the --standard target grid without torch.compile, B=16,
 # H=1024 first; cuDNN in fp16 on the same grid and the backend nn.RNN ran; the LSTM/GRU family
-# (skipped in seconds while the package has no elman_triton.LSTM); a summary table. The phases'
+# (ours on auto, stepwise and persistent against nn.LSTM / nn.GRU at the anchor shape); a summary table. The phases'
 # Python is benchmarks/gpu_phases.py, which the dry run executes too. A phase stops its pytest or
 # benchmark child at its limit with SIGINT (the JUnit counts and the checkpointed rows are kept),
 # then kills the child's process group; any group left (see sweep_groups) is killed before the next

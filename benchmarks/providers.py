@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from elman_triton import elman_rnn, elman_rnn_reference, persistent
+from elman_triton import elman_rnn, elman_rnn_reference, family_ops, persistent
 from elman_triton.family import GRU, LSTM
 from elman_triton.family_ops import GATES
 
@@ -280,12 +280,9 @@ def _describe_torch_rnn(shape, device):
 
 def family_auto_backend(shape, device):
     """The backend elman_triton.family's LSTM / GRU with backend="auto" runs for a plain call (no lengths,
-    transforms or state-gradient hook) at shape on device: on CUDA "persistent" where persistent.cell_supports
-    (the test family_ops' auto asks) holds the cell, else "stepwise"; on CPU "native" (torch.lstm / torch.gru)."""
-    if device.type != "cuda":
-        return "native"
-    return "persistent" if persistent.cell_supports(GATES[shape.cell], shape.H, shape.torch_dtype, device) \
-        else "stepwise"
+    transforms or state-gradient hook) at shape on device, as family_ops decides it (family_ops.auto_backend):
+    on CUDA "persistent" or "stepwise", on CPU "native" (torch.lstm / torch.gru)."""
+    return family_ops.auto_backend(shape.cell, shape.H, shape.torch_dtype, device)
 
 
 def check_family_persistent(shape, device):

@@ -138,15 +138,8 @@ def run_cell_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih=None, bias
     if B == 0:  # an empty batch, which nn.LSTM / nn.GRU accept: empty outputs, zero weight gradients
         backend = "reference"
     if backend == "auto":
-        if x.device.type == "cuda":
-            backend = "persistent" if persistent.cell_supports(G, H, x.dtype, x.device) else "stepwise"
-        else:  # PyTorch's native kernel, except where it cannot serve: a reverse-only layer with lengths (it
-            # has none), torch.export (which would unroll it over T; the reference loop exports as a scan),
-            # state_grad_norms (it exposes no per-step gradient) and torch.func transforms or forward-mode
-            # AD (torch.gru has no vmap rule, pytorch #134606): the reference loop there
-            native = lengths is None or not (reverse or torch.compiler.is_compiling())
-            native = native and state_grad_norms is None and not torch.compiler.is_exporting()
-            backend = "native" if native and (torch.compiler.is_compiling() or not _transformed()) else "reference"
+        backend = auto_backend(cell, H, x.dtype, x.device, has_lengths=lengths is not None, reverse=reverse,
+                               recording=state_grad_norms is not None)
     if backend in TRITON_BACKENDS and weights_hr is not None:
         backend = "reference"  # proj_size: the documented slower path
     if backend == "reference":
@@ -198,6 +191,23 @@ def _check_norms(cell, norms, dirs, T, B, device):
                          f"got {tuple(norms.shape)}")
     if norms.device != device:
         raise ValueError(f"state_grad_norms is on {norms.device} but x is on {device}")
+
+
+def auto_backend(cell, H, dtype, device, *, has_lengths=False, reverse=False, recording=False):
+    """The backend that backend="auto" runs for one layer of cell ("lstm" or "gru") with this H, dtype and
+    device, in the current context (run_cell_layer asks it on every call; the benchmarks, to say what auto
+    ran). On CUDA "persistent" where persistent.cell_supports holds the cell (its small- or large-H kernel,
+    with the grid co-resident on device), else "stepwise". On CPU "native", PyTorch's own torch.lstm /
+    torch.gru, except where it cannot serve: a reverse-only layer with lengths (has_lengths, reverse: it
+    has none), torch.export (which would unroll it over T; the reference loop exports as a scan),
+    recording state-gradient norms (it exposes no per-step gradient), torch.func transforms and
+    forward-mode AD (torch.gru has no vmap rule, pytorch #134606): "reference", the loop, there."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "persistent" if persistent.cell_supports(GATES[cell], H, dtype, device) else "stepwise"
+    compiling = torch.compiler.is_compiling()
+    native = not (has_lengths and (reverse or compiling)) and not recording and not torch.compiler.is_exporting()
+    return "native" if native and (compiling or not _transformed()) else "reference"
 
 
 def _bias_slots(cell, biases_ih, biases_hh, dirs, H, x):
