@@ -40,6 +40,23 @@ def sigmoid(z, FAST_TANH: tl.constexpr):
 
 
 @triton.jit
+def bias_slots(p_bias, o_n, m_n, H, zero, CELL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The bias slots of units o_n (mask m_n) of one direction, as (b0, b1, b2, b3) in zero's dtype and
+    shape: p_bias points at the direction's (S, H) block, slot s at s·H. Slots past the cell's are
+    zero placeholders; GRU's slot 3 is b_in, its n gate's input side (slot 2 is b_hn, scaled by r)."""
+    b0, b1, b2, b3 = zero, zero, zero, zero
+    if HAS_BIAS:
+        p_b = p_bias + o_n
+        b0 = tl.load(p_b, mask=m_n, other=0.0).to(zero.dtype)
+        if CELL > 1:
+            b1 = tl.load(p_b + H, mask=m_n, other=0.0).to(zero.dtype)
+            b2 = tl.load(p_b + 2 * H, mask=m_n, other=0.0).to(zero.dtype)
+        if CELL > 2:  # GRU: b_in; LSTM: the o gate's bias
+            b3 = tl.load(p_b + 3 * H, mask=m_n, other=0.0).to(zero.dtype)
+    return b0, b1, b2, b3
+
+
+@triton.jit
 def cell_forward(a0, a1, a2, a3, x_n, h_prev, c_prev, CELL: tl.constexpr, ACT: tl.constexpr, FAST_TANH: tl.constexpr):
     """(h', aux, g0, g1, g2, g3): the new state, the saved extra (LSTM c', GRU ĥ) and the activated gates.
     a_g: gate g's whole pre-activation (x and h sides and biases), except GRU's n gate: a2 is its hidden

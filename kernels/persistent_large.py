@@ -64,7 +64,7 @@ import triton
 import triton.language as tl
 
 from .barrier import WORD_STRIDE, group_barrier, read_phase
-from .cells import cell_backward, cell_forward
+from .cells import bias_slots, cell_backward, cell_forward
 from .common import is_last_step, matmul, previous_step, row_lengths, step_index
 
 
@@ -166,16 +166,8 @@ def rnn_persistent_large_fwd_kernel(
     # W_hh,gᵀ[k, n] = W_hh[g·H + n, k]: G blocks [BH, BN], as [K_SPLIT, BH / K_SPLIT, BN] chunks
     w0, w1, w2, w3 = weight_slices(p_w + i_d * stride_w_d, o_k, o_n, (o_k < Hp)[:, None] & m_n[None, :],
                                    stride_w_k, stride_w_n, H * stride_w_n, G, K_SPLIT)
-    bias0 = tl.zeros([BN], dtype=acc_ty)
-    bias1, bias2, bias3 = bias0, bias0, bias0
-    if HAS_BIAS:
-        p_b = p_bias + i_d * S * H + o_n
-        bias0 = tl.load(p_b, mask=m_n, other=0.0).to(acc_ty)
-        if G > 1:
-            bias1 = tl.load(p_b + H, mask=m_n, other=0.0).to(acc_ty)
-            bias2 = tl.load(p_b + 2 * H, mask=m_n, other=0.0).to(acc_ty)
-        if G > 2:  # GRU: b_in (n's input side); LSTM: the o gate's bias
-            bias3 = tl.load(p_b + 3 * H, mask=m_n, other=0.0).to(acc_ty)
+    bias0, bias1, bias2, bias3 = bias_slots(p_bias + i_d * S * H, o_n, m_n, H, tl.zeros([BN], dtype=acc_ty), CELL,
+                                            HAS_BIAS)
     p_word = p_barrier + WORD_STRIDE * (1 + i_d * n_group + i_g)
     phase = read_phase(p_word, FLIP) if USE_BARRIER else 0
     p_xp = p_xp + i_d * G * Hp

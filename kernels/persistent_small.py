@@ -28,7 +28,7 @@ The state is rounded to the storage dtype only as the dot operand, as it would b
 import triton
 import triton.language as tl
 
-from .cells import cell_backward, cell_forward
+from .cells import bias_slots, cell_backward, cell_forward
 from .common import matmul, previous_step, row_lengths, step_index
 
 
@@ -72,16 +72,7 @@ def rnn_persistent_small_fwd_kernel(
 
     # W_hh,gᵀ[k, n] = W_hh[g·H + n, k], read through strides: G blocks [BH, BH], on-chip for all T steps.
     w0, w1, w2, w3 = _w_hh_blocks(p_w + i_d * stride_w_d, o_h, m_h, H, Hp, stride_w_n, stride_w_k, G, True)
-    b0 = tl.zeros([BH], dtype=acc_ty)
-    b1, b2, b3 = b0, b0, b0
-    if HAS_BIAS:
-        p_b = p_bias + i_d * S * H + o_h
-        b0 = tl.load(p_b, mask=m_h, other=0.0).to(acc_ty)
-        if G > 1:
-            b1 = tl.load(p_b + H, mask=m_h, other=0.0).to(acc_ty)
-            b2 = tl.load(p_b + 2 * H, mask=m_h, other=0.0).to(acc_ty)
-        if G > 2:  # GRU: b_in (n's input side); LSTM: the o gate's bias
-            b3 = tl.load(p_b + 3 * H, mask=m_h, other=0.0).to(acc_ty)
+    b0, b1, b2, b3 = bias_slots(p_bias + i_d * S * H, o_h, m_h, H, tl.zeros([BH], dtype=acc_ty), CELL, HAS_BIAS)
     o_state = i_d * stride_h0_d + o_b[:, None] * stride_h0_b + o_h[None, :] * stride_h0_h
     b_h = tl.load(p_h0 + o_state, mask=m_bh, other=0.0).to(acc_ty)  # [BB, BH]
     b_c = b_h
