@@ -325,9 +325,10 @@ def test_cuda_auto_matches_float64(nn_cls, dtype, kernel):
     float64, on each of the kernels auto picks (CUDA_H; the H asserted to select it)."""
     from elman_triton import persistent
     from elman_triton.config import next_power_of_2
+    from elman_triton.family_ops import auto_backend
 
     T, B, D, H, G = 7, 19, 24, CUDA_H[kernel][dtype], 4 if nn_cls is nn.LSTM else 3
-    assert persistent.cell_supports(G, H, dtype) == (kernel != "stepwise")
+    assert auto_backend(nn_cls.__name__.lower(), H, dtype, "cuda") == kernel.split("-")[0]
     assert (next_power_of_2(H) <= persistent.CELL_SMALL_H_MAX[G][dtype]) == (kernel == "persistent-small")
     ref = nn_cls(D, H, bidirectional=True, dtype=F64, device="cuda")
     ours = OURS[nn_cls](D, H, bidirectional=True, dtype=dtype, device="cuda")
