@@ -8,6 +8,8 @@ On CPU the kernels run in Triton's interpreter, one launch per step (forward) or
 large kernel is forced at small H by setting CELL_SMALL_H_MAX to 0, as tests/test_persistent.py does for
 the Elman cell. The launch counters prove the large kernel ran.
 """
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,7 @@ from torch import nn
 from elman_triton import persistent, stepwise
 from elman_triton.config import INTERPRETED, Layout, kernel_options, padded
 from elman_triton.family_ops import gru_layer, lstm_layer
+from elman_triton.kernels import barrier
 from test_plan import FakeKernel, fake_gpu, launched  # noqa: F401 (fake_gpu: the fixture)
 from utils import TOLERANCE, count_launches, rel_err
 
@@ -162,12 +165,9 @@ def test_limits_and_errors():
                     backend="persistent")
 
 
-def test_plan_of_the_anchor_shape(fake_gpu, monkeypatch):
-    """The anchor LSTM H = 768, B = 16, bf16, bidirectional, as the launcher plans it on an H200 (faked, with
-    the sm_90a compile's registers and shared memory, Triton 3.6, 8 warps): 96 column programs of BN = 8 units
-    over Hp = 768. Forward (BB = 16: one batch tile; 175 registers, 96 KiB): 1 program per SM, so one launch
-    per direction. Backward (BB = 8: two tiles; 255 registers, 80 KiB): 1 per SM, one launch per direction,
-    one barrier group walking both tiles."""
+def anchor_on_a_faked_h200(monkeypatch):
+    """The large-H kernels as the sm_90a compile reports them (Triton 3.6, 8 warps; registers, shared
+    memory), faked; and the anchor LSTM's forward call: H = 768, B = 16, bf16, bidirectional, T = 5."""
     fakes = {name: FakeKernel(getattr(persistent, name), lambda meta, regs=regs: regs, shared=shared)
              for name, regs, shared in (("rnn_persistent_large_fwd_kernel", 175, 98304),
                                         ("rnn_persistent_large_bwd_kernel", 255, 81920))}
@@ -176,13 +176,31 @@ def test_plan_of_the_anchor_shape(fake_gpu, monkeypatch):
     G, T, B, H, dirs, bf16 = 4, 5, 16, 768, 2, torch.bfloat16
     Hp, acc = padded(H), torch.float32
     xp, gates = (torch.zeros(T, B, dirs * G * Hp, dtype=bf16) for _ in range(2))
-    y, dy = (torch.zeros(T, B, dirs * Hp, dtype=bf16) for _ in range(2))
+    y = torch.zeros(T, B, dirs * Hp, dtype=bf16)
     aux, h0, c0 = torch.zeros(T, B, dirs * Hp, dtype=acc), torch.zeros(dirs, B, Hp, dtype=bf16), torch.zeros(
         dirs, B, Hp, dtype=acc)
     lay, opts = Layout.of(y, H, dirs, False, False), kernel_options(bf16, "tanh", fast_tanh=False)
     h_n = torch.zeros(dirs, B, H, dtype=bf16)
-    persistent.cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, torch.zeros(dirs, G * H, Hp, dtype=bf16),
-                                       torch.zeros(dirs, G, H, dtype=acc), h_n, h_n.clone(), None, opts, lay)
+    w_hh = torch.zeros(dirs, G * H, Hp, dtype=bf16)
+
+    def forward():
+        persistent.cell_forward_recurrence(G, xp, y, gates, aux, h0, c0, w_hh, torch.zeros(dirs, G, H, dtype=acc),
+                                           h_n, h_n.clone(), None, opts, lay)
+    return fakes, forward, SimpleNamespace(G=G, T=T, B=B, H=H, Hp=Hp, dirs=dirs, y=y, gates=gates, aux=aux, h0=h0,
+                                           c0=c0, h_n=h_n, w_hh=w_hh, lay=lay, opts=opts)
+
+
+def test_plan_of_the_anchor_shape(fake_gpu, monkeypatch):
+    """The anchor LSTM H = 768, B = 16, bf16, bidirectional, as the launcher plans it on an H200 (faked, with
+    the sm_90a compile's registers and shared memory, Triton 3.6, 8 warps): 96 column programs of BN = 8 units
+    over Hp = 768. Forward (BB = 16: one batch tile; 175 registers, 96 KiB): 1 program per SM, so one launch
+    per direction. Backward (BB = 8: two tiles; 255 registers, 80 KiB): 1 per SM, one launch per direction,
+    one barrier group walking both tiles."""
+    fakes, forward, a = anchor_on_a_faked_h200(monkeypatch)
+    G, T, B, H, Hp, dirs, bf16 = a.G, a.T, a.B, a.H, a.Hp, a.dirs, torch.bfloat16
+    y, gates, aux, h0, c0, h_n, lay, opts = a.y, a.gates, a.aux, a.h0, a.c0, a.h_n, a.lay, a.opts
+    dy = torch.zeros_like(y)
+    forward()
     runs = launched(fakes["rnn_persistent_large_fwd_kernel"])
     assert [grid for grid, _ in runs] == [(96, 1, 1)] * 2
     assert {k: runs[0][1][k] for k in ("CELL", "BB", "BN", "BH", "K_SPLIT", "num_warps", "USE_BARRIER")} == dict(
@@ -192,6 +210,22 @@ def test_plan_of_the_anchor_shape(fake_gpu, monkeypatch):
                                         torch.zeros(dirs, G * H, Hp, dtype=bf16), dz, None, opts, lay)
     runs = launched(fakes["rnn_persistent_large_bwd_kernel"])
     assert [grid for grid, _ in runs] == [(96, 1, 1)] * 2 and runs[0][1]["BB"] == 8
+
+
+def test_barrier_timeout_names_the_cells_kernel(fake_gpu, monkeypatch):
+    """The bounded barrier's error, for the cells as for the Elman cell: a launch that finds its buffer's error
+    word set (a wait gave up) raises RuntimeError at the next call, naming the cell's large-H kernel, H, its
+    grid and launches, and the buffer is dropped."""
+    monkeypatch.setattr(persistent, "ERROR_READ_INTERVAL_S", 3600.0)
+    _, forward, _ = anchor_on_a_faked_h200(monkeypatch)
+    forward()
+    [(_, flag, _, _)] = persistent._PENDING
+    flag[0] = barrier.ERROR_TIMEOUT.value
+    persistent._reads.due = 0.0
+    with pytest.raises(RuntimeError, match=r"rnn_persistent_large_fwd_kernel \(H=768, grid=\(96, 1, 1\), "
+                                           r"2 launch\(es\)\): a grid-barrier wait gave up"):
+        forward()
+    assert persistent._PENDING == [] and not persistent._BARRIER_WORDS
 
 
 def test_auto_needs_the_grid_to_fit(fake_gpu, monkeypatch):
