@@ -15,10 +15,8 @@ al. 2015, who compare the IRNN against an LSTM:
 The expectation from the paper: the IRNN drives the MSE far under 0.167, tanh with default init
 stays near it; the LSTM solves the task too. At every evaluation the script records ‖∂L/∂h_t‖ of the
 test loss for every step t: how much of the loss's gradient reaches the step that holds the first
-marked value, as training runs. For the Elman models the kernels' backward gives it
-(record_state_gradients); for the LSTM and GRU, which record_state_gradients does not take, the same
-layer's parameters run as a differentiable step loop of LSTMCell / GRUCell with retain_grad() on every
-h_t (and c_t), the same loss from the same weights (gated_state_gradients).
+marked value, as training runs. For every model the layer's own backward gives it
+(record_state_gradients), and for the LSTM also ‖∂L/∂c_t‖ of its memory cell.
 
     python examples/adding_problem.py                 # T = 150 (on a GPU; the published scale)
     python examples/adding_problem.py --full          # T ∈ {150, 200, 300, 400}
@@ -37,13 +35,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 from elman_triton import ElmanRNN, init, record_state_gradients  # noqa: E402
-from elman_triton.family import GRU, LSTM, GRUCell, LSTMCell  # noqa: E402
+from elman_triton.family import GRU, LSTM  # noqa: E402
 
 BASELINE = 1 / 6  # MSE of always predicting 1
 MODELS = ("tanh", "tanh-orth", "irnn", "lstm", "gru")
 # one colour per model, as in the recorded figures (the Elman ones kept theirs when the LSTM and GRU came)
 COLORS = {"irnn": "C0", "tanh": "C1", "tanh-orth": "C2", "lstm": "C3", "gru": "C4"}
-GATED = {"lstm": (LSTM, LSTMCell), "gru": (GRU, GRUCell)}  # layer, and the cell of the step loop
+GATED = {"lstm": LSTM, "gru": GRU}
 # T = 10 is too short to need memory across time: the smoke run cannot show the example's point.
 RECORDED = ("adding_problem_T150.md (T = 150, the paper's shortest; T = 100 beside it, and the LSTM and GRU at "
             "T = 100 in adding_problem_T100_gated.md)")
@@ -68,7 +66,7 @@ class Adder(nn.Module):
     def __init__(self, cell, hidden, backend, device):
         super().__init__()
         if cell in GATED:
-            self.rnn = GATED[cell][0](2, hidden, backend=backend, device=device)
+            self.rnn = GATED[cell](2, hidden, backend=backend, device=device)
         else:
             self.rnn = ElmanRNN(2, hidden, nonlinearity=cell, backend=backend, device=device)
         self.head = nn.Linear(hidden, 1, device=device)
@@ -88,52 +86,13 @@ def evaluate(model, x, target):
 
 def state_gradients(model, x, target):
     """(test MSE, ‖∂L/∂h_t‖ for every t, ‖∂L/∂c_t‖ for every t or None): norms over batch and hidden
-    units, summed in float64. Elman: record_state_gradients (the kernels' own backward); LSTM and GRU:
-    gated_state_gradients. The parameters' gradients it leaves are cleared."""
-    if not isinstance(model.rnn, ElmanRNN):
-        return gated_state_gradients(model, x, target)
+    units, from the layer's own backward (record_state_gradients; the LSTM's c_t from .cell_norms). The
+    parameters' gradients it leaves are cleared."""
     with record_state_gradients(model.rnn) as rec:
         loss = nn.functional.mse_loss(model(x), target)
         loss.backward()
     model.zero_grad(set_to_none=True)
-    return loss.item(), rec.norms[0].tolist(), None
-
-
-def gated_state_gradients(model, x, target):
-    """state_gradients for an LSTM or GRU layer (record_state_gradients takes ElmanRNN only): a step loop
-    of LSTMCell / GRUCell holding the layer's own parameters (the same tensors), with retain_grad() on
-    every h_t and c_t, so that after backward h_t.grad is the total derivative ∂L/∂h_t (through every
-    later step), as record_state_gradients gives it for the Elman layer. The LSTM's h_t is rebuilt as
-    o_t ⊙ tanh(c_t) from the cell's c_t (o_t from the same weights; the value is the cell's h_t), so that
-    c_t.grad holds the path through h_t as well as through c_{t+1}. One cell call per step: slower than
-    the layer, but it runs at evaluations only."""
-    rnn = model.rnn
-    lstm = isinstance(rnn, LSTM)
-    cell = GATED["lstm" if lstm else "gru"][1](rnn.input_size, rnn.hidden_size, backend=rnn.backend, device=x.device)
-    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-        setattr(cell, name, getattr(rnn, f"{name}_l0"))  # the layer's parameters, not copies
-    h = c = x.new_zeros(x.shape[1], rnn.hidden_size)
-    hs, cs = [], []
-    for x_t in x:
-        if lstm:
-            o = torch.sigmoid(nn.functional.linear(x_t, cell.weight_ih, cell.bias_ih)
-                              + nn.functional.linear(h, cell.weight_hh, cell.bias_hh)).chunk(4, dim=1)[3]  # i, f, g, o
-            _, c = cell(x_t, (h, c))
-            h = o * torch.tanh(c)
-            c.retain_grad()
-            cs.append(c)
-        else:
-            h = cell(x_t, h)
-        h.retain_grad()
-        hs.append(h)
-    loss = nn.functional.mse_loss(model.head(h).squeeze(1), target)
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-
-    def norms(states):
-        return [torch.linalg.vector_norm(s.grad, dtype=torch.float64).item() for s in states]
-
-    return loss.item(), norms(hs), norms(cs) if lstm else None
+    return loss.item(), rec.norms[0].tolist(), rec.cell_norms[0].tolist() if isinstance(model.rnn, LSTM) else None
 
 
 def train(name, T, args, test, deadline):
