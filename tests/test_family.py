@@ -368,7 +368,7 @@ def test_persistent_small_kernels_match_stepwise(cell, device):
     from elman_triton.config import Layout, kernel_options, padded
     from elman_triton.family_ops import _bias_slots, _cell_backward, _cell_forward, _padded_states
 
-    T, B, D, H, G, dirs = 3, 17, 2, 5, 4 if cell == "lstm" else 3, 2
+    T, B, H, G, dirs = 3, 17, 5, 4 if cell == "lstm" else 3, 2
     Hp = padded(H)
     xp = torch.nn.functional.pad(torch.randn(B, T, dirs, G, H, dtype=F64, device=device), (0, Hp - H)).flatten(2)
     w_hh = torch.nn.functional.pad(torch.randn(dirs, G * H, H, dtype=F64, device=device) * H ** -0.5, (0, Hp - H))
