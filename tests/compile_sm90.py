@@ -30,6 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from elman_triton import persistent, stepwise
+from elman_triton.config import FP_FUSION
 from elman_triton.kernels import barrier, persistent_large, persistent_small
 from elman_triton.kernels import stepwise as stepwise_kernels
 
@@ -79,7 +80,8 @@ def signature(kernel, dtype, constexprs, aligned):
 def compile_and_count(kernel, dtype, num_warps, aligned, **constexprs):
     """(registers, spill bytes, local-memory instructions inside loops) of one configuration."""
     sig, consts, attrs = signature(kernel, dtype, constexprs, aligned)
-    options = dict(num_warps=num_warps, launch_cooperative_grid="USE_BARRIER" in constexprs)
+    # fp fusion as every launch chooses it (config.with_fp_fusion), not left to Triton's default
+    options = dict(num_warps=num_warps, launch_cooperative_grid="USE_BARRIER" in constexprs, enable_fp_fusion=FP_FUSION)
     report = io.StringIO()
     with contextlib.redirect_stdout(report):  # Triton prints its ptxas -v log (dump_ptxas_log, set in main)
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=TARGET,
