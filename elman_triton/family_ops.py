@@ -395,8 +395,8 @@ class _CellRecurrenceBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_dz, g_dh0, g_dc0):
         primals, loop = _loop_backward(ctx)
-        cotangents = [torch.zeros_like(o) if c is None else c for o, c in zip(loop(*primals), (g_dz, g_dh0, g_dc0))]
-        _, pullback = torch.func.vjp(loop, *primals)
+        outputs, pullback = torch.func.vjp(loop, *primals)
+        cotangents = [torch.zeros_like(o) if c is None else c for o, c in zip(outputs, (g_dz, g_dh0, g_dc0))]
         return *pullback(tuple(cotangents)), None, None, None, None, None
 
     @staticmethod
