@@ -51,7 +51,7 @@ from elman_triton.config import INTERPRETED, SUPPORTED_DTYPES, Layout, accumulat
 from elman_triton.ops import (BACKENDS, TRITON_BACKENDS, _padded_rows, _recurrent_weight_grad, _reversed,
                               _shape_layout, _stack, _time_major, _transformed, _vmap_rows, check_layer_inputs,
                               check_lengths, native_layer, native_params)
-from elman_triton.state_gradients import cell_state_gradient_norms
+from elman_triton.state_gradients import cell_state_gradient_norms, check_norms_buffer
 from elman_triton.reference import gru_reference, lstm_reference
 
 GATES = {"gru": 3, "lstm": 4}
@@ -132,7 +132,8 @@ def run_cell_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih=None, bias
         check_lengths(lengths, T, B, x.device, values=not lengths_are_valid)
     dirs = len(weights_hh)
     if state_grad_norms is not None:
-        _check_norms(cell, state_grad_norms, dirs, T, B, x.device)
+        check_norms_buffer(state_grad_norms, (2, dirs, T, B) if G == 4 else (dirs, T, B), x.device,
+                           "(2, dirs, T, B)" if G == 4 else "(dirs, T, B)", f" for the {cell.upper()}")
     if backend == "persistent" and B > 0 and weights_hr is None:  # proj_size: the reference loop
         persistent.cell_check_supported(G, H, x.dtype, x.device)
     if B == 0:  # an empty batch, which nn.LSTM / nn.GRU accept: empty outputs, zero weight gradients
@@ -176,21 +177,6 @@ def run_cell_layer(cell, x, h0, c0, weights_ih, weights_hh, biases_ih=None, bias
 
 
 _run_cell_layer_eagerly = torch.compiler.disable(run_cell_layer)
-
-
-def _check_norms(cell, norms, dirs, T, B, device):
-    """run_cell_layer's state_grad_norms: float32 (dirs, T, B) for GRU, (2, dirs, T, B) for LSTM, on x's device."""
-    shape = (2, dirs, T, B) if cell == "lstm" else (dirs, T, B)
-    if not torch.is_tensor(norms):
-        raise TypeError(f"state_grad_norms must be a tensor or None, got {type(norms).__name__}")
-    if norms.dtype != torch.float32:
-        raise TypeError(f"state_grad_norms must be float32, got {norms.dtype}")
-    if tuple(norms.shape) != shape:
-        dims = "(2, dirs, T, B)" if cell == "lstm" else "(dirs, T, B)"
-        raise ValueError(f"state_grad_norms for the {cell.upper()} must have shape {dims} = {shape}, "
-                         f"got {tuple(norms.shape)}")
-    if norms.device != device:
-        raise ValueError(f"state_grad_norms is on {norms.device} but x is on {device}")
 
 
 def auto_backend(cell, H, dtype, device, *, has_lengths=False, reverse=False, recording=False):

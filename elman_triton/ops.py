@@ -91,7 +91,7 @@ def elman_rnn(x: torch.Tensor, h0: torch.Tensor | None, weight_ih: torch.Tensor,
     if h0 is not None and h0.dim() != 2:
         raise ValueError(f"h0 must have shape (B, H), got {tuple(h0.shape)}")
     if state_grad_norms is not None:
-        check_norms_buffer(state_grad_norms, x.transpose(0, 1) if batch_first else x)
+        check_norms_buffer(state_grad_norms, x.shape[1::-1] if batch_first else x.shape[:2], x.device)
         state_grad_norms = state_grad_norms.unsqueeze(0)
     y, h_n = elman_rnn_layer(x, None if h0 is None else h0.unsqueeze(0), (weight_ih,), (weight_hh,),
                              None if bias_ih is None else (bias_ih,), None if bias_hh is None else (bias_hh,),

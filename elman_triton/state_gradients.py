@@ -22,7 +22,8 @@ The GEMM part is the Elman one; the elementwise recursions (f ⊙, z ⊙) are a 
 
 This module sits below the ops (elman_triton.ops calls state_gradient_norms from its backward and
 check_norms_buffer on elman_rnn's state_grad_norms argument; elman_triton.family_ops calls
-cell_state_gradient_norms from the LSTM's and GRU's) and imports nothing of the package. The
+cell_state_gradient_norms from the LSTM's and GRU's backward and check_norms_buffer on theirs) and
+imports nothing of the package. The
 recording context for whole modules, record_state_gradients, is a research tool above the modules
 (elman_triton.diagnostics).
 """
@@ -167,15 +168,17 @@ def _(G, dy, dz, dh_n, dc_n, weight_hh, gates, aux, reverse, out, lengths):
     return None
 
 
-def check_norms_buffer(out: torch.Tensor | None, x: torch.Tensor) -> None:
-    """elman_rnn's state_grad_norms argument: a float32 (T, B) tensor on x's device, or None."""
+def check_norms_buffer(out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device,
+                       dims: str = "(T, B)", owner: str = "") -> None:
+    """A state_grad_norms argument: None, or a float32 tensor of this shape (named dims in messages, e.g.
+    "(T, B)" for elman_rnn's, "(2, dirs, T, B)" for lstm_layer's; owner, e.g. " for the LSTM") on x's device."""
     if out is None:
         return
     if not torch.is_tensor(out):
         raise TypeError(f"state_grad_norms must be a tensor or None, got {type(out).__name__}")
     if out.dtype != torch.float32:
         raise TypeError(f"state_grad_norms must be float32, got {out.dtype}")
-    if tuple(out.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"state_grad_norms must have shape (T, B) = {tuple(x.shape[:2])}, got {tuple(out.shape)}")
-    if out.device != x.device:
-        raise ValueError(f"state_grad_norms is on {out.device} but x is on {x.device}")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"state_grad_norms{owner} must have shape {dims} = {tuple(shape)}, got {tuple(out.shape)}")
+    if out.device != device:
+        raise ValueError(f"state_grad_norms is on {out.device} but x is on {device}")
